@@ -1,0 +1,78 @@
+"""Set up and run the series: `python3 run.py lab` or `python3 run.py test`.
+
+Creates a virtual environment in .venv (unless you already run inside a venv or a
+conda environment), installs the project into it when pyproject.toml changed, then
+opens JupyterLab on notebooks/ or runs every test (unit tests and all notebooks).
+Extra arguments go to JupyterLab or pytest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+
+
+def in_managed_env() -> bool:
+    """True inside an activated venv or conda environment: use it as it is."""
+    return sys.prefix != sys.base_prefix or os.environ.get("CONDA_PREFIX") == sys.prefix
+
+
+def python_of_venv() -> Path:
+    return VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def ensure_installed(python: Path, with_tests: bool) -> None:
+    """pip install -e . (or .[test]) once per version of pyproject.toml."""
+    prefix = subprocess.check_output([python, "-c", "import sys; print(sys.prefix)"], text=True)
+    stamps = {
+        name: Path(prefix.strip()) / f".lora-from-scratch-{name}" for name in ("core", "test")
+    }
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    wanted = ["test"] if with_tests else ["core", "test"]
+    if any(stamps[n].exists() and stamps[n].read_text() == digest for n in wanted):
+        return
+    target = ".[test]" if with_tests else "."
+    print(f"Installing {target} into {prefix.strip()} ...", flush=True)
+    subprocess.check_call([python, "-m", "pip", "install", "--upgrade", "pip"])
+    subprocess.check_call([python, "-m", "pip", "install", "-e", target], cwd=ROOT)
+    stamps[wanted[0]].write_text(digest)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("lab", "test"):
+        print(__doc__)
+        return 2
+    command, rest = argv[0], argv[1:]
+    if in_managed_env():
+        python = Path(sys.executable)
+    else:
+        if not python_of_venv().exists():
+            print(f"Creating a virtual environment in {VENV} ...", flush=True)
+            venv.create(VENV, with_pip=True)
+        python = python_of_venv()
+    ensure_installed(python, with_tests=command == "test")
+    if command == "lab":
+        args = [
+            python,
+            "-m",
+            "jupyter",
+            "lab",
+            "--ServerApp.root_dir",
+            str(ROOT),
+            "notebooks/",
+            *rest,
+        ]
+    else:
+        args = [python, "-m", "pytest", *rest]
+    return subprocess.call(args, cwd=ROOT)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
