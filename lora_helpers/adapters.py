@@ -1,0 +1,264 @@
+"""Adapters: LoRA weights saved on their own, loaded into a fresh base, merged, swapped, combined.
+
+An adapter file is a safetensors file holding only the LoRA tensors ("<layer>.lora.A",
+"<layer>.lora.B") plus the base weights of the new classifier head ("out_head.*", which
+no pretrained checkpoint has), next to a JSON file with the settings needed to rebuild
+the model: base model name, a fingerprint of its config, rank, alpha, rslora, targets
+and the number of classes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .gpt2 import to_classifier
+from .lora import (
+    LinearWithLoRA,
+    load_lora_state_dict,
+    lora_layers,
+    lora_state_dict,
+    mark_only_lora_as_trainable,
+    replace_linear_with_lora,
+)
+
+
+def combine_lora_states(
+    states: list[dict[str, torch.Tensor]],
+    weights: list[float],
+    *,
+    scalings: list[float] | None = None,
+    new_scaling: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """One LoRA state whose update is exactly the weighted sum of the given adapters' updates.
+
+    For every layer, adapter i holds A_i (in_dim, r_i), B_i (r_i, out_dim) and is applied
+    with scaling s_i (alpha_i / r_i; `scalings` defaults to 1.0 each, i.e. alpha = rank).
+    Stacking along the rank dimension,
+
+        A = [w_1 s_1 A_1 | w_2 s_2 A_2 | ...] / new_scaling,   B = [B_1; B_2; ...],
+
+    gives new_scaling * A @ B = sum_i w_i s_i A_i @ B_i. Load the result into LoRA layers of
+    rank sum(r_i) whose scaling is `new_scaling` (default 1.0: alpha = rank = sum(r_i)).
+    """
+    if not states:
+        raise ValueError("combine_lora_states needs at least one LoRA state; got an empty list.")
+    if len(weights) != len(states):
+        raise ValueError(
+            f"Got {len(states)} LoRA states but {len(weights)} weights; give one weight per state."
+        )
+    scalings = [1.0] * len(states) if scalings is None else list(scalings)
+    if len(scalings) != len(states):
+        raise ValueError(
+            f"Got {len(states)} LoRA states but {len(scalings)} scalings; give one per state."
+        )
+    numbers = [*weights, *scalings, new_scaling]
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in numbers):
+        raise ValueError("weights, scalings and new_scaling must be finite numbers.")
+    if new_scaling == 0:
+        raise ValueError("new_scaling must be non-zero; use 1.0 and load with alpha = rank.")
+    keys = set(states[0])
+    for i, state in enumerate(states[1:], start=1):
+        if set(state) != keys:
+            diff = sorted(keys ^ set(state))[:4]
+            raise ValueError(
+                f"LoRA state {i} has other layers than state 0 (differing keys {diff}); "
+                "combine adapters trained on the same target modules."
+            )
+    layers = sorted({k.removesuffix(".A").removesuffix(".B") for k in keys})
+    combined: dict[str, torch.Tensor] = {}
+    for layer in layers:
+        if f"{layer}.A" not in keys or f"{layer}.B" not in keys:
+            raise ValueError(
+                f"{layer!r} lacks its A or B tensor; pass states made by lora_state_dict(model)."
+            )
+        As = [s[f"{layer}.A"] for s in states]
+        Bs = [s[f"{layer}.B"] for s in states]
+        if len({a.shape[0] for a in As}) > 1 or len({b.shape[1] for b in Bs}) > 1:
+            raise ValueError(
+                f"{layer!r} has different in/out sizes across states; the adapters were "
+                "trained on different base models."
+            )
+        combined[f"{layer}.A"] = torch.cat(
+            [w * s / new_scaling * a for w, s, a in zip(weights, scalings, As, strict=True)], dim=1
+        )
+        combined[f"{layer}.B"] = torch.cat(Bs, dim=0)
+    return combined
+
+
+ADAPTER_FORMAT = "lora-from-scratch adapter v1"
+WEIGHTS_FILE, CONFIG_FILE = "adapter.safetensors", "adapter_config.json"
+
+
+def _head(model: nn.Module) -> nn.Linear:
+    head = model.out_head
+    return head.linear if isinstance(head, LinearWithLoRA) else head
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """16 hex digits naming the base architecture: every base tensor's name and shape.
+
+    LoRA tensors and the classifier head are left out, so a model has the same fingerprint
+    before and after to_classifier and replace_linear_with_lora.
+    """
+    wrapped = [f"{name}.linear." for name, _ in lora_layers(model)]
+    digest = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        if key.startswith("out_head.") or ".lora." in key:
+            continue
+        for prefix in wrapped:
+            if key.startswith(prefix):
+                key = prefix.removesuffix("linear.") + key.removeprefix(prefix)
+        digest.update(f"{key}:{tuple(tensor.shape)};".encode())
+    return digest.hexdigest()[:16]
+
+
+def _write_atomically(path: Path, write) -> None:
+    part = path.with_name(path.name + ".part")
+    write(part)
+    os.replace(part, path)
+
+
+def save_adapter(model: nn.Module, directory: str | Path, source) -> Path:
+    """Write the adapter of `model` (LoRA tensors + head) to `directory`; returns the folder.
+
+    source: the base model's source as returned by load_gpt2_or_fallback (name, pretrained).
+    """
+    layers = dict(lora_layers(model))
+    if not layers:
+        raise ValueError("The model has no LoRA layers to save; set it up with LoRA first.")
+    if any(layer.merged for layer in layers.values()):
+        raise ValueError("The model's LoRA layers are merged; call unmerge_lora(model) first.")
+    settings = {(m.lora.rank, m.lora.alpha, m.lora.rslora) for m in layers.values()}
+    if len(settings) > 1:
+        raise ValueError(
+            f"The LoRA layers mix settings {sorted(settings)}; an adapter file holds one "
+            "rank, alpha and rslora for all layers."
+        )
+    ((rank, alpha, rslora),) = settings
+    head = {
+        k: v
+        for k, v in model.state_dict().items()
+        if k.startswith("out_head.") and ".lora." not in k
+    }
+    tensors = {
+        k: v.detach().cpu().contiguous() for k, v in {**lora_state_dict(model), **head}.items()
+    }
+    config = {
+        "format": ADAPTER_FORMAT,
+        "base_model": source.name,
+        "pretrained": bool(source.pretrained),
+        "base_fingerprint": base_fingerprint(model),
+        "rank": rank,
+        "alpha": alpha,
+        "rslora": rslora,
+        "n_classes": _head(model).out_features,
+        "targets": list(layers),
+    }
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_atomically(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p)))
+    _write_atomically(
+        directory / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2) + "\n")
+    )
+    return directory
+
+
+def read_adapter_config(directory: str | Path) -> dict:
+    """The JSON settings of a saved adapter."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"No {CONFIG_FILE} in {directory}; pass the folder that save_adapter wrote."
+        )
+    config = json.loads(path.read_text())
+    if config.get("format") != ADAPTER_FORMAT:
+        raise ValueError(
+            f"{path} is not a {ADAPTER_FORMAT!r} file; save it with lora_helpers.adapters.save_adapter."
+        )
+    return config
+
+
+def _describe(name: str, pretrained: bool) -> str:
+    return f"{name} ({'pretrained' if pretrained else 'random fallback weights'})"
+
+
+def load_adapter(model: nn.Module, directory: str | Path, source=None) -> nn.Module:
+    """Load a saved adapter into `model`, in place; returns `model`.
+
+    `model` is a fresh base (LoRA and the classifier head are added as the adapter says)
+    or a model already carrying LoRA layers of the same settings (the adapter is swapped in).
+    source: if given, the base's name and pretrained flag must match the adapter's.
+    """
+    config = read_adapter_config(directory)
+    wanted = _describe(config["base_model"], config["pretrained"])
+    if source is not None and (source.name, bool(source.pretrained)) != (
+        config["base_model"],
+        config["pretrained"],
+    ):
+        raise ValueError(
+            f"This adapter was trained on {wanted}, not on {_describe(source.name, source.pretrained)}; "
+            "load it into the base model it was trained on."
+        )
+    if base_fingerprint(model) != config["base_fingerprint"]:
+        raise ValueError(
+            f"This adapter was trained on {wanted}, whose layers differ from this model's "
+            f"(fingerprint {config['base_fingerprint']} vs {base_fingerprint(model)}); "
+            "load it into the base model it was trained on."
+        )
+    layers = dict(lora_layers(model))
+    if not layers:
+        if _head(model).out_features != config["n_classes"]:
+            to_classifier(model, config["n_classes"])
+        replace_linear_with_lora(
+            model, config["rank"], config["alpha"], config["targets"], rslora=config["rslora"]
+        )
+        mark_only_lora_as_trainable(model)
+    else:
+        settings = {(m.lora.rank, m.lora.alpha, m.lora.rslora) for m in layers.values()}
+        if settings != {(config["rank"], config["alpha"], config["rslora"])} or set(layers) != set(
+            config["targets"]
+        ):
+            raise ValueError(
+                f"The model already carries LoRA layers with other settings than the adapter "
+                f"(rank {config['rank']}, alpha {config['alpha']:g}, {len(config['targets'])} "
+                "layers); load the adapter into a fresh base model."
+            )
+    tensors = load_file(str(Path(directory) / WEIGHTS_FILE))
+    load_lora_state_dict(model, {k: v for k, v in tensors.items() if ".lora." in k})
+    head = {k: v for k, v in tensors.items() if ".lora." not in k}
+    unexpected = model.load_state_dict(head, strict=False).unexpected_keys
+    if unexpected:
+        raise ValueError(
+            f"The adapter's head tensors {unexpected[:3]} do not fit the model's head; "
+            "load it into the base model it was trained on."
+        )
+    return model
+
+
+@torch.no_grad()
+def forward_latency(model: nn.Module, ids: torch.Tensor, repeats: int = 10) -> float:
+    """Median seconds of one forward pass of `model` on `ids` (batch, tokens), after a warm-up."""
+    model.eval()
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    times = []
+    for i in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        model(ids)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:  # the first call warms up caches and kernels
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)

@@ -1,0 +1,245 @@
+"""The one place that downloads: find a file locally, else fetch it, verified and atomically.
+
+Files are named by a relative path ("gpt2-tokenizer/encoder.json") and looked for in
+
+1. the read-only folders of LORA_ASSETS_PATH (a classroom USB stick, a shared drive),
+2. the writable cache data_dir() (LORA_DATA_DIR, the repository's data/ folder, or
+   ~/.cache/lora-from-scratch),
+
+and only then downloaded into the cache: first to "<file>.part" (resumed with an HTTP
+Range request after an interruption), then checked (size, sha256, optional content
+check) and renamed into place, so a corrupt file never sits under the final name.
+LORA_OFFLINE=1 forbids the network altogether.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import urllib.error
+import urllib.request
+import warnings
+from collections.abc import Callable
+from http.client import HTTPException
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+_REPO_DATA = Path(__file__).resolve().parents[1] / "data"
+_CHUNK = 1 << 20  # bytes per read
+_TIMEOUT_S = 30
+_verified: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, per process
+
+
+class AssetError(RuntimeError):
+    """A file could not be found or fetched; the message says what to do."""
+
+
+def data_dir() -> Path:
+    """The writable cache: $LORA_DATA_DIR, else the checkout's data/, else ~/.cache/lora-from-scratch."""
+    if os.environ.get("LORA_DATA_DIR"):
+        return Path(os.environ["LORA_DATA_DIR"]).expanduser()
+    if (_REPO_DATA / "README.md").is_file():
+        return _REPO_DATA
+    return Path.home() / ".cache" / "lora-from-scratch"
+
+
+def asset_search_path() -> list[Path]:
+    """Read-only folders from $LORA_ASSETS_PATH (os.pathsep-separated), searched before data_dir()."""
+    entries = os.environ.get("LORA_ASSETS_PATH", "").split(os.pathsep)
+    return [Path(entry).expanduser() for entry in entries if entry.strip()]
+
+
+def find_asset(relpath: str) -> Path | None:
+    """The first existing copy of `relpath` in asset_search_path(), then data_dir(); else None."""
+    for folder in [*asset_search_path(), data_dir()]:
+        if (folder / relpath).is_file():
+            return folder / relpath
+    return None
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks; remembered per (path, size, mtime) for this process."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _verified:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+        _verified[key] = digest.hexdigest()
+    return _verified[key]
+
+
+def _problem(
+    path: Path, sha256: str | None, size: int | None, check: Callable[[Path], None] | None
+) -> str | None:
+    """Why `path` is not the expected file, or None when it is."""
+    actual_size = path.stat().st_size
+    if size is not None and actual_size != size:
+        return f"it has {actual_size:,} bytes, not {size:,}"
+    if sha256 is not None and sha256_of(path) != sha256.lower():
+        return f"its sha256 is {sha256_of(path)}, not {sha256.lower()}"
+    if check is not None:
+        try:
+            check(path)
+        except (ValueError, OSError) as err:
+            return str(err)
+    return None
+
+
+def _advice(relpath: str, dest: Path) -> str:
+    return (
+        f"download it on a machine with internet and put it at {dest}, "
+        f"or point LORA_ASSETS_PATH at a folder holding {relpath}"
+    )
+
+
+def fetch(
+    relpath: str,
+    url: str,
+    *,
+    sha256: str | None = None,
+    size: int | None = None,
+    desc: str | None = None,
+    check: Callable[[Path], None] | None = None,
+) -> Path:
+    """Path to a verified local copy of `relpath`, downloading it from `url` if needed.
+
+    sha256, size: the expected file (checked on local copies and downloads alike).
+    check: an extra content check, called with the file's path; raises ValueError if wrong.
+    Raises AssetError, with what to do, when no good copy exists and it cannot be downloaded.
+    """
+    dest = data_dir() / relpath
+    for folder in [*asset_search_path(), data_dir()]:
+        candidate = folder / relpath
+        if not candidate.is_file():
+            continue
+        problem = _problem(candidate, sha256, size, check)
+        if problem is None:
+            return candidate
+        warnings.warn(f"Ignoring {candidate}: {problem}.", stacklevel=2)
+
+    if os.environ.get("LORA_OFFLINE") == "1":
+        raise AssetError(
+            f"Could not download {relpath} from {url} (LORA_OFFLINE=1 is set); "
+            f"{_advice(relpath, dest)}, or unset LORA_OFFLINE."
+        )
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise AssetError(
+            f"Could not create the folder for {relpath} in {dest.parent} ({err.strerror or err}); "
+            "set LORA_DATA_DIR to a writable folder."
+        ) from err
+
+    part = dest.with_name(dest.name + ".part")
+    resumed = _download(url, part, relpath, dest, size, desc)
+    problem = _problem(part, sha256, size, check)
+    if problem is not None and resumed:  # the old partial may have been the bad part: start over
+        part.unlink()
+        _download(url, part, relpath, dest, size, desc)
+        problem = _problem(part, sha256, size, check)
+    if problem is not None:
+        part.unlink()
+        raise AssetError(
+            f"The file downloaded from {url} is not the expected {relpath} ({problem}), so it was "
+            f"deleted; try again later, or {_advice(relpath, dest)}."
+        )
+    os.replace(part, dest)
+    return dest
+
+
+def _download(
+    url: str, part: Path, relpath: str, dest: Path, size: int | None, desc: str | None
+) -> bool:
+    """Fill `part` from `url`, continuing an existing partial file; True if it resumed one."""
+    offset = part.stat().st_size if part.exists() else 0
+    if size is not None and offset >= size:  # complete (verify it) or too long (start over)
+        if offset == size:
+            return True
+        part.unlink()
+        offset = 0
+    request = urllib.request.Request(url, headers={"User-Agent": "lora-from-scratch"})
+    if offset:
+        request.add_header("Range", f"bytes={offset}-")
+    try:
+        response = urllib.request.urlopen(request, timeout=_TIMEOUT_S)
+    except urllib.error.HTTPError as err:
+        if err.code == 416 and offset:  # the server cannot continue this partial file
+            part.unlink()
+            return _download(url, part, relpath, dest, size, desc)
+        raise AssetError(
+            f"Could not download {relpath} from {url} (HTTP {err.code} {err.reason}); check the "
+            f"address or try again later, or {_advice(relpath, dest)}."
+        ) from err
+    except (urllib.error.URLError, OSError, HTTPException) as err:
+        reason = getattr(err, "reason", None) or err
+        raise AssetError(
+            f"Could not download {relpath} from {url} ({reason}); you seem to be offline: "
+            f"{_advice(relpath, dest)}."
+        ) from err
+
+    with response:
+        resumed = offset > 0 and response.status == 206
+        if resumed and _range_start(response) != offset:  # a range we did not ask for
+            response.close()
+            part.unlink()
+            return _download(url, part, relpath, dest, size, desc)
+        if not resumed:
+            offset = 0  # no partial, or the server ignored the Range header: start from zero
+        length = response.headers.get("Content-Length")
+        total = offset + int(length) if length is not None else size
+        try:
+            out = open(part, "ab" if resumed else "wb")
+        except OSError as err:
+            raise _disk_error(relpath, part, err) from err
+        received = offset
+        with (
+            out,
+            tqdm(
+                total=total,
+                initial=offset,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=desc or relpath,
+            ) as bar,
+        ):
+            while True:
+                try:
+                    chunk = response.read(_CHUNK)
+                except (OSError, HTTPException) as err:
+                    raise _interrupted(relpath, url, received, total, err) from err
+                if not chunk:
+                    break
+                try:
+                    out.write(chunk)
+                except OSError as err:
+                    raise _disk_error(relpath, part, err) from err
+                received += len(chunk)
+                bar.update(len(chunk))
+    if total is not None and received < total:
+        raise _interrupted(relpath, url, received, total, "the connection closed early")
+    return resumed
+
+
+def _range_start(response) -> int | None:
+    match = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
+    return int(match.group(1)) if match else None
+
+
+def _interrupted(relpath: str, url: str, received: int, total: int | None, reason) -> AssetError:
+    of_total = f" of {total:,}" if total is not None else ""
+    return AssetError(
+        f"The download of {relpath} from {url} stopped after {received:,}{of_total} bytes "
+        f"({reason}); run the same command again to resume it."
+    )
+
+
+def _disk_error(relpath: str, path: Path, err: OSError) -> AssetError:
+    return AssetError(
+        f"Could not write {relpath} to {path} ({err.strerror or err}); free some disk space "
+        "or set LORA_DATA_DIR to a folder with room."
+    )

@@ -1,0 +1,159 @@
+"""Pure functions behind the notebooks' sliders: parameter counts, low-rank approximation, scaling.
+
+Each one takes plain numbers (or a matrix), touches no global state and returns numbers;
+lora_helpers.plots draws them, and the sliders in the notebooks are thin shells around the plots.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from .lora import LoRALayer
+
+#: How the LoRA update x @ A @ B is scaled: the paper's alpha/rank, rank-stabilised
+#: alpha/sqrt(rank) (rsLoRA), and alpha alone (no division, a pitfall).
+SCALING_RULES = ("alpha/rank", "alpha/sqrt(rank)", "alpha")
+
+
+def _check_positive_int(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+class ParameterComparison(NamedTuple):
+    """Weights of a full d x k update against a rank-r LoRA update of the same matrix."""
+
+    d: int
+    k: int
+    rank: int
+    full: int  # d * k
+    lora: int  # rank * (d + k): B is d x rank, A is rank x k
+
+    @property
+    def ratio(self) -> float:
+        """lora / full: the fraction of the full update's weights that LoRA trains."""
+        return self.lora / self.full
+
+    @property
+    def break_even_rank(self) -> float:
+        """The rank at which LoRA has as many weights as the full update: d * k / (d + k)."""
+        return self.d * self.k / (self.d + self.k)
+
+
+def lora_parameter_counts(d: int, k: int, rank: int) -> ParameterComparison:
+    """Trainable weights of a full d x k update (d * k) and of its rank-r LoRA (r * (d + k))."""
+    for name, value in (("d", d), ("k", k), ("rank", rank)):
+        _check_positive_int(name, value)
+    if rank > min(d, k):
+        raise ValueError(
+            f"rank {rank} is larger than min(d={d}, k={k}) = {min(d, k)}, the highest rank a "
+            f"{d} x {k} matrix can have; use rank <= {min(d, k)}."
+        )
+    return ParameterComparison(d, k, rank, d * k, rank * (d + k))
+
+
+def _check_matrix(W: torch.Tensor) -> None:
+    if not isinstance(W, torch.Tensor) or W.ndim != 2 or W.numel() == 0:
+        shape = tuple(W.shape) if isinstance(W, torch.Tensor) else type(W).__name__
+        raise ValueError(f"Expected a non-empty 2-D tensor (a matrix), got {shape}.")
+
+
+def truncated_svd(W: torch.Tensor, rank: int) -> torch.Tensor:
+    """The best rank-r approximation of W (d, k) in Frobenius norm: U_r diag(S_r) V_r^T, (d, k)."""
+    _check_matrix(W)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= min(W.shape):
+        raise ValueError(
+            f"rank must be an integer from 0 to min{tuple(W.shape)} = {min(W.shape)}, got {rank!r}."
+        )
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    return (U[:, :rank] * S[:rank]) @ Vh[:rank]
+
+
+def svd_relative_errors(W: torch.Tensor) -> torch.Tensor:
+    """||W - W_r||_F / ||W||_F for every rank r = 0 .. min(d, k): shape (min(d, k) + 1,).
+
+    By Eckart-Young the error of the best rank-r approximation is the norm of the
+    singular values left out, so it comes from the singular values alone.
+    """
+    _check_matrix(W)
+    S = torch.linalg.svdvals(W.double())
+    total = S.square().sum()
+    if total == 0:
+        raise ValueError("W is all zeros: its relative approximation error is undefined.")
+    left_out = S.square().flip(0).cumsum(0).flip(0)  # left_out[r] = sum of S[r:]^2
+    return torch.cat([left_out, left_out.new_zeros(1)]).div(total).sqrt().float()
+
+
+def low_rank_plus_noise(
+    d: int, k: int, *, rank: int = 4, noise: float = 0.05, seed: int = 0
+) -> torch.Tensor:
+    """A (d, k) matrix with `rank` strong directions plus weak dense noise.
+
+    The low-rank part B @ A has unit-variance entries; the noise has entries of std `noise`.
+    """
+    for name, value in (("d", d), ("k", k), ("rank", rank)):
+        _check_positive_int(name, value)
+    if rank > min(d, k):
+        raise ValueError(f"rank must be at most min(d, k) = {min(d, k)}, got {rank}.")
+    if not (math.isfinite(noise) and noise >= 0):
+        raise ValueError(f"noise must be a finite number >= 0, got {noise!r}.")
+    g = torch.Generator().manual_seed(seed)
+    B = torch.randn(d, rank, generator=g)
+    A = torch.randn(rank, k, generator=g) / math.sqrt(rank)
+    return B @ A + noise * torch.randn(d, k, generator=g)
+
+
+def _check_rule(rule: str) -> None:
+    if rule not in SCALING_RULES:
+        raise ValueError(f"Unknown scaling rule {rule!r}; use one of {SCALING_RULES}.")
+
+
+def lora_scaling(rank: int, alpha: float, rule: str = "alpha/rank") -> float:
+    """The factor in front of x @ A @ B under one of SCALING_RULES."""
+    _check_positive_int("rank", rank)
+    _check_rule(rule)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number, got {alpha!r}.")
+    if rule == "alpha/rank":
+        return alpha / rank
+    return alpha / math.sqrt(rank) if rule == "alpha/sqrt(rank)" else float(alpha)
+
+
+def update_size_after_training(
+    rank: int,
+    alpha: float,
+    rule: str = "alpha/rank",
+    *,
+    in_dim: int = 64,
+    out_dim: int = 64,
+    steps: int = 10,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> float:
+    """||scaling * (A @ B)||_F after `steps` Adam steps on a fixed regression task.
+
+    A LoRALayer (in_dim -> out_dim, starting at B = 0) is fitted to y = x @ W_target with
+    the same data, learning rate and seed for every rank, so only `rank`, `alpha` and the
+    scaling `rule` change the result. Deterministic; leaves the global random state alone.
+    """
+    _check_rule(rule)
+    _check_positive_int("steps", steps)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(128, in_dim, generator=g)
+    y = x @ torch.randn(in_dim, out_dim, generator=g) / math.sqrt(in_dim)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        # LoRALayer scales by alpha/rank; alpha * rank in its place gives "alpha" alone.
+        layer_alpha = alpha * rank if rule == "alpha" else alpha
+        layer = LoRALayer(in_dim, out_dim, rank, layer_alpha, rslora=rule == "alpha/sqrt(rank)")
+    optimizer = torch.optim.Adam(layer.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = torch.nn.functional.mse_loss(layer(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        return layer.delta_weight().norm().item()

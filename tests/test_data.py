@@ -1,0 +1,166 @@
+"""SMS spam data: parsing, count checks, safe zip extraction, balance, split, padding, loaders."""
+
+import zipfile
+from collections import Counter
+
+import pytest
+import torch
+
+from lora_helpers import data
+from lora_helpers.assets import AssetError, find_asset
+
+
+class CharTokenizer:
+    """Stands in for tiktoken: one token per character."""
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty data_dir, no shared assets, no network."""
+    monkeypatch.setenv("LORA_DATA_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("LORA_ASSETS_PATH", "")
+    monkeypatch.setenv("LORA_OFFLINE", "1")
+    return tmp_path / "cache"
+
+
+def _zip(path, members: dict[str, bytes]):
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, content in members.items():
+            archive.writestr(name, content)
+    return path
+
+
+def test_parse_handles_a_missing_final_newline_and_crlf():
+    rows = data.parse_sms("ham\tHello there\r\nspam\tWIN now\tTODAY")
+    assert rows == [("Hello there", 0), ("WIN now\tTODAY", 1)]
+
+
+def test_parse_names_the_bad_line():
+    with pytest.raises(ValueError, match="Line 2 is not"):
+        data.parse_sms("ham\tok\nmaybe\tnot a label\n")
+
+
+def test_wrong_counts_say_the_file_is_not_the_expected_version():
+    rows = [("hi", 0)] * 4827 + [("win", 1)] * 746
+    with pytest.raises(AssetError, match=r"5,573 rows \(4,827 ham, 746 spam\).*not the expected"):
+        data.check_sms_counts(rows)
+    data.check_sms_counts([("hi", 0)] * 4827 + [("win", 1)] * 747)  # the right counts pass
+
+
+@pytest.mark.skipif(
+    find_asset(data.SMS_RELPATH) is None, reason="no offline copy of the SMS Spam Collection"
+)
+def test_the_real_collection_has_the_v1_counts():
+    rows = data.load_sms_spam()
+    assert Counter(label for _, label in rows) == {0: 4827, 1: 747}
+    splits = data.split(data.balance(rows))
+    assert [len(s) for s in splits] == [1045, 149, 300]
+
+
+def test_extract_member_copies_only_the_named_file(tmp_path):
+    archive = _zip(tmp_path / "a.zip", {"readme": b"about", "SMSSpamCollection": b"ham\thi\n"})
+    dest = data.extract_member(archive, "SMSSpamCollection", tmp_path / "out" / "x", max_bytes=100)
+    assert dest.read_bytes() == b"ham\thi\n"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x"]
+
+
+@pytest.mark.parametrize("evil", ["../SMSSpamCollection", "/abs/SMSSpamCollection", "C:/x"])
+def test_extract_member_refuses_path_traversal(tmp_path, evil):
+    archive = _zip(tmp_path / "a.zip", {evil: b"ham\thi\n"})
+    with pytest.raises(AssetError, match="unsafe member name"):
+        data.extract_member(archive, "SMSSpamCollection", tmp_path / "out" / "x", max_bytes=100)
+    assert not (tmp_path / "out").exists()
+    assert not (tmp_path.parent / "SMSSpamCollection").exists()
+
+
+def test_extract_member_refuses_an_oversized_member(tmp_path):
+    archive = _zip(tmp_path / "a.zip", {"SMSSpamCollection": b"x" * 1000})
+    with pytest.raises(AssetError, match="over 100"):
+        data.extract_member(archive, "SMSSpamCollection", tmp_path / "x", max_bytes=100)
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_corrupt_zip_is_a_clear_error(tmp_path):
+    archive = _zip(tmp_path / "a.zip", {"SMSSpamCollection": b"ham\thello\n" * 50})
+    raw = bytearray(archive.read_bytes())
+    raw[40:60] = b"\xff" * 20  # damage the compressed data
+    archive.write_bytes(bytes(raw))
+    with pytest.raises(AssetError, match=r"not the expected zip archive.*delete"):
+        data.extract_member(archive, "SMSSpamCollection", tmp_path / "x", max_bytes=10_000)
+    (tmp_path / "junk.zip").write_bytes(b"this is not a zip file")
+    with pytest.raises(AssetError, match="not the expected zip archive"):
+        data.extract_member(
+            tmp_path / "junk.zip", "SMSSpamCollection", tmp_path / "x", max_bytes=10
+        )
+    assert not (tmp_path / "x").exists()
+    assert not (tmp_path / "x.part").exists()
+
+
+def test_offline_without_a_copy_says_where_to_put_the_file(cache):
+    with pytest.raises(AssetError, match=r"LORA_OFFLINE=1.*put SMSSpamCollection"):
+        data.sms_spam_path()
+
+
+def test_a_cached_zip_is_extracted_and_its_counts_checked(cache):
+    (cache / data.SMS_ZIP_RELPATH).parent.mkdir(parents=True)
+    _zip(cache / data.SMS_ZIP_RELPATH, {"SMSSpamCollection": b"ham\thello\nspam\tWIN"})
+    path = data.sms_spam_path()
+    assert path == cache / data.SMS_RELPATH
+    assert path.read_text() == "ham\thello\nspam\tWIN"
+    with pytest.raises(AssetError, match=r"2 rows.*not the expected version"):
+        data.load_sms_spam()
+
+
+def test_tiny_dataset_is_balanced_and_splits_70_10_20():
+    rows = data.load_tiny_sms()
+    assert Counter(label for _, label in rows) == {0: 50, 1: 50}
+    splits = data.split(data.balance(rows))
+    assert [len(s) for s in splits] == [70, 10, 20]
+    assert sorted(r for s in splits for r in s) == sorted(rows)  # disjoint, nothing lost
+
+
+def test_balance_undersamples_to_the_rarest_label_reproducibly():
+    rows = [(f"h{i}", 0) for i in range(30)] + [(f"s{i}", 1) for i in range(7)]
+    balanced = data.balance(rows, seed=1)
+    assert Counter(label for _, label in balanced) == {0: 7, 1: 7}
+    assert balanced == data.balance(rows, seed=1) != data.balance(rows, seed=2)
+
+
+def test_split_rejects_bad_fractions():
+    with pytest.raises(ValueError, match=r"train \+ val < 1"):
+        data.split([("a", 0)] * 10, (0.9, 0.2))
+
+
+def test_padding_uses_endoftext_and_truncates():
+    ids = data.encode(["abc", "a"], CharTokenizer())
+    assert ids.tolist() == [[97, 98, 99], [97, data.PAD_ID, data.PAD_ID]]
+    assert data.encode(["abcdef"], CharTokenizer(), max_length=2).tolist() == [[97, 98]]
+
+
+def test_loaders_pad_every_split_to_the_longest_training_message():
+    splits = data.Splits(
+        [("aaaa", 0), ("bb", 1), ("c", 0)], [("dddddddd", 1)], [("e", 0), ("ff", 1)]
+    )
+    loaders = data.make_loaders(splits, CharTokenizer(), batch_size=2)
+    assert loaders.max_length == 4
+    ids, labels = next(iter(loaders.val))
+    assert ids.tolist() == [[100] * 4]
+    assert labels.tolist() == [1]
+    assert len(loaders.train) == 1  # the last incomplete batch is dropped
+    short = data.make_loaders(splits, CharTokenizer(), batch_size=2, max_length=3)
+    assert short.max_length == 3
+
+
+def test_tiny_dataset_with_the_gpt2_tokenizer():
+    from lora_helpers.gpt2 import get_tokenizer
+
+    splits = data.split(data.load_tiny_sms())
+    loaders = data.make_loaders(splits, get_tokenizer(), batch_size=8)
+    ids, labels = next(iter(loaders.train))
+    assert ids.shape == (8, loaders.max_length)
+    assert ids.dtype == torch.long
+    assert set(labels.tolist()) <= {0, 1}
+    assert (ids == data.PAD_ID).any()  # shorter messages are padded

@@ -1,0 +1,412 @@
+"""lora_helpers.lora: shapes, initialisation, gradient flow, merging, counting, LoRA state dicts."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lora_helpers.lora import (
+    LinearWithLoRA,
+    LoRALayer,
+    ParameterCount,
+    count_parameters,
+    freeze,
+    load_lora_state_dict,
+    lora_layers,
+    lora_state_dict,
+    mark_only_lora_as_trainable,
+    merge_lora,
+    replace_linear_with_lora,
+    unmerge_lora,
+)
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.W_query = nn.Linear(8, 8)
+        self.W_value = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.W_query(x) + self.W_value(x))
+
+
+class TinyNet(nn.Module):
+    """Two blocks and a head: linear layers named like a transformer's, at two depths."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(Block(), Block())
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x))
+
+
+def randomize_B(model: nn.Module, seed: int = 1) -> None:
+    """Give every LoRA B nonzero values, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora.B.copy_(torch.randn(layer.lora.B.shape, generator=g))
+
+
+# --- LoRALayer -------------------------------------------------------------------------
+
+
+def test_lora_layer_shapes_and_zero_output_at_init():
+    layer = LoRALayer(in_dim=10, out_dim=6, rank=3, alpha=6)
+    assert layer.A.shape == (10, 3)
+    assert layer.B.shape == (3, 6)
+    assert torch.count_nonzero(layer.B) == 0
+    y = layer(torch.randn(2, 5, 10))
+    assert y.shape == (2, 5, 6)
+    assert torch.count_nonzero(y) == 0
+
+
+def test_A_is_initialised_like_nn_linear_with_fan_in_in_dim():
+    torch.manual_seed(0)
+    in_dim, rank = 1024, 4
+    A = LoRALayer(in_dim, 64, rank, alpha=4).A.detach()
+    bound = 1 / math.sqrt(in_dim)  # Kaiming-uniform with a=sqrt(5): U(-1/sqrt(fan_in), ...)
+    assert A.abs().max() <= bound
+    assert A.abs().max() > 0.98 * bound  # uses the whole range, not a narrower one
+    assert A.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    reference = nn.Linear(in_dim, rank).weight.detach()  # the same distribution
+    assert A.std().item() == pytest.approx(reference.std().item(), rel=0.05)
+
+
+@pytest.mark.parametrize(("rslora", "expected"), [(False, 16 / 4), (True, 16 / 2)])
+def test_scaling_and_forward(rslora, expected):
+    torch.manual_seed(0)
+    layer = LoRALayer(5, 7, rank=4, alpha=16, rslora=rslora)
+    randomize = torch.randn(4, 7)
+    with torch.no_grad():
+        layer.B.copy_(randomize)
+    x = torch.randn(3, 5)
+    assert layer.scaling == expected
+    torch.testing.assert_close(layer(x), expected * x @ layer.A @ layer.B)
+
+
+def test_delta_weight_is_the_update_in_linear_layout():
+    torch.manual_seed(0)
+    layer = LoRALayer(5, 7, rank=2, alpha=3)
+    with torch.no_grad():
+        layer.B.normal_()
+    delta = layer.delta_weight()
+    assert delta.shape == (7, 5)  # (out_dim, in_dim), like nn.Linear.weight
+    x = torch.randn(4, 5)
+    torch.testing.assert_close(x @ delta.T, layer(x))
+    assert torch.linalg.matrix_rank(delta) == 2
+
+
+def test_dropout_acts_in_training_only():
+    torch.manual_seed(0)
+    layer = LoRALayer(32, 8, rank=4, alpha=4, dropout=0.5)
+    with torch.no_grad():
+        layer.B.normal_()
+    x = torch.randn(16, 32)
+    expected = layer.scaling * x @ layer.A @ layer.B
+    assert not torch.allclose(layer(x), expected)
+    layer.eval()
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_extra_repr_names_the_scaling_rule():
+    assert "scaling=alpha/rank=2" in repr(LoRALayer(4, 4, 2, 4))
+    assert "scaling=alpha/sqrt(rank)=2" in repr(LoRALayer(4, 4, 4, 4, rslora=True))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rank": 0}, "rank must be a positive integer"),
+        ({"rank": -2}, "rank must be a positive integer"),
+        ({"rank": 2.0}, "rank must be a positive integer"),
+        ({"rank": True}, "rank must be a positive integer"),
+        ({"rank": 5}, r"rank 5 is larger than min\(in_dim=4, out_dim=6\) = 4"),
+        ({"alpha": float("nan")}, "alpha must be a finite number"),
+        ({"alpha": float("inf")}, "alpha must be a finite number"),
+        ({"alpha": "8"}, "alpha must be a finite number"),
+        ({"alpha": True}, "alpha must be a finite number"),
+        ({"in_dim": 0}, "in_dim must be a positive integer"),
+        ({"out_dim": 3.0}, "out_dim must be a positive integer"),
+        ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+        ({"dropout": -0.1}, r"dropout must be in \[0, 1\)"),
+    ],
+)
+def test_lora_layer_rejects_bad_arguments(kwargs, message):
+    args = {"in_dim": 4, "out_dim": 6, "rank": 2, "alpha": 4} | kwargs
+    with pytest.raises(ValueError, match=message):
+        LoRALayer(**args)
+
+
+# --- LinearWithLoRA --------------------------------------------------------------------
+
+
+def test_linear_with_lora_is_identity_at_init_and_freezes_the_base():
+    torch.manual_seed(0)
+    base = nn.Linear(12, 5)
+    layer = LinearWithLoRA(base, rank=3, alpha=6)
+    x = torch.randn(4, 12)
+    assert torch.equal(layer(x), base(x))
+    assert not base.weight.requires_grad
+    assert not base.bias.requires_grad
+    assert layer.lora.A.requires_grad
+    assert layer.lora.B.requires_grad
+
+
+def test_only_A_and_B_receive_gradients():
+    torch.manual_seed(0)
+    layer = LinearWithLoRA(nn.Linear(12, 5), rank=3, alpha=6)
+    x = torch.randn(4, 12)
+    layer(x).square().sum().backward()
+    assert layer.linear.weight.grad is None
+    assert layer.linear.bias.grad is None
+    # With B = 0 the gradient of A (which flows through B) is zero at the first step; B's is not.
+    assert torch.count_nonzero(layer.lora.A.grad) == 0
+    assert torch.count_nonzero(layer.lora.B.grad) > 0
+
+    optimizer = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.1)
+    weight_before = layer.linear.weight.clone()
+    for _ in range(2):
+        optimizer.zero_grad()
+        layer(x).square().sum().backward()
+        optimizer.step()
+    assert torch.count_nonzero(layer.lora.A.grad) > 0  # once B moved, A learns too
+    assert torch.equal(layer.linear.weight, weight_before)
+
+
+def test_merge_gives_the_same_outputs_without_the_lora_path():
+    torch.manual_seed(0)
+    layer = LinearWithLoRA(nn.Linear(16, 9), rank=4, alpha=8)
+    randomize_B(layer)
+    x = torch.randn(5, 16)
+    expected = layer(x)
+    weight = layer.linear.weight.clone()
+
+    layer.merge()
+    assert layer.merged
+    torch.testing.assert_close(layer.linear.weight, weight + layer.lora.delta_weight())
+
+    def fail(_x: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("a merged layer must not run the LoRA path")
+
+    layer.lora.forward = fail
+    torch.testing.assert_close(layer(x), expected)
+    layer.merge()  # a second merge changes nothing
+    torch.testing.assert_close(layer(x), expected)
+    del layer.lora.forward
+
+    layer.unmerge()
+    assert not layer.merged
+    torch.testing.assert_close(layer.linear.weight, weight)
+    torch.testing.assert_close(layer(x), expected)
+    layer.unmerge()  # a second unmerge changes nothing
+    torch.testing.assert_close(layer.linear.weight, weight)
+
+
+def test_lora_follows_the_dtype_of_the_base():
+    layer = LinearWithLoRA(nn.Linear(6, 4).double(), rank=2, alpha=2)
+    assert layer.lora.A.dtype == torch.float64
+    assert layer(torch.randn(3, 6, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_linear_with_lora_rejects_non_linear_layers():
+    with pytest.raises(TypeError, match=r"wraps an nn\.Linear, got Conv1d"):
+        LinearWithLoRA(nn.Conv1d(4, 4, 1), rank=2, alpha=2)
+
+    class Conv1D(nn.Module):  # the name of Hugging Face GPT-2's projection class
+        pass
+
+    with pytest.raises(TypeError, match="Hugging Face GPT-2 stores its projections"):
+        LinearWithLoRA(Conv1D(), rank=2, alpha=2)
+
+
+def test_linear_with_lora_checks_rank_against_the_layer():
+    with pytest.raises(ValueError, match=r"rank 5 is larger than min\(in_dim=8, out_dim=4\)"):
+        LinearWithLoRA(nn.Linear(8, 4), rank=5, alpha=5)
+
+
+def test_matches_peft_lora_on_the_same_weights():
+    peft = pytest.importorskip("peft")
+    for rslora in (False, True):
+        torch.manual_seed(0)
+        base = nn.Sequential()
+        base.add_module("proj", nn.Linear(10, 6))
+        ours = LinearWithLoRA(nn.Linear(10, 6), rank=4, alpha=8, rslora=rslora)
+        ours.linear.load_state_dict(base.proj.state_dict())
+        randomize_B(ours)
+        config = peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["proj"], use_rslora=rslora, lora_dropout=0.0
+        )
+        theirs = peft.get_peft_model(base, config).base_model.model.proj
+        with torch.no_grad():
+            theirs.lora_A["default"].weight.copy_(ours.lora.A.T)  # peft stores (rank, in)
+            theirs.lora_B["default"].weight.copy_(ours.lora.B.T)  # and (out, rank)
+        x = torch.randn(3, 10)
+        torch.testing.assert_close(ours(x), theirs(x))
+
+
+# --- replace_linear_with_lora and model-wide helpers -----------------------------------
+
+
+def test_replace_all_linear_layers():
+    model = TinyNet()
+    assert replace_linear_with_lora(model, rank=2, alpha=4) is model
+    names = [name for name, _ in lora_layers(model)]
+    assert names == [
+        "blocks.0.W_query",
+        "blocks.0.W_value",
+        "blocks.1.W_query",
+        "blocks.1.W_value",
+        "head",
+    ]
+
+
+def test_replace_only_the_targets_by_dotted_suffix():
+    torch.manual_seed(0)
+    model = TinyNet()
+    x = torch.randn(4, 8)
+    before = model(x)
+    replace_linear_with_lora(model, rank=2, alpha=4, target_modules=["W_query", "blocks.1.W_value"])
+    names = [name for name, _ in lora_layers(model)]
+    assert names == ["blocks.0.W_query", "blocks.1.W_query", "blocks.1.W_value"]
+    assert isinstance(model.head, nn.Linear)
+    assert torch.equal(model(x), before)  # identity at initialisation, model-wide
+
+
+def test_a_string_target_is_one_name():
+    model = replace_linear_with_lora(TinyNet(), rank=2, alpha=4, target_modules="head")
+    assert [name for name, _ in lora_layers(model)] == ["head"]
+
+
+def test_unknown_target_lists_the_layer_names():
+    with pytest.raises(ValueError, match=r"Unknown target module\(s\) \['query'\]") as info:
+        replace_linear_with_lora(TinyNet(), rank=2, alpha=4, target_modules=["query"])
+    assert "['W_query', 'W_value', 'head']" in str(info.value)
+
+
+def test_replace_twice_does_not_wrap_a_wrapped_layer():
+    model = replace_linear_with_lora(TinyNet(), rank=2, alpha=4, target_modules=["W_query"])
+    replace_linear_with_lora(model, rank=2, alpha=4)  # now the rest
+    assert len(list(lora_layers(model))) == 5
+    assert not any(isinstance(m.linear, LinearWithLoRA) for _, m in lora_layers(model))
+    with pytest.raises(ValueError, match=r"no nn\.Linear layer"):
+        replace_linear_with_lora(model, rank=2, alpha=4)
+
+
+def test_replace_explains_a_model_without_linear_layers():
+    class Conv1D(nn.Module):
+        pass
+
+    model = nn.Sequential(nn.ReLU())
+    model.add_module("c_attn", Conv1D())
+    with pytest.raises(ValueError, match=r"no nn.Linear.*1 transformers Conv1D layers"):
+        replace_linear_with_lora(model, rank=2, alpha=4)
+
+
+def test_replace_rejects_bad_rank_and_alpha():
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        replace_linear_with_lora(TinyNet(), rank=0, alpha=4)
+    with pytest.raises(ValueError, match="larger than min"):
+        replace_linear_with_lora(TinyNet(), rank=4, alpha=4, target_modules=["head"])
+    with pytest.raises(ValueError, match="alpha must be a finite number"):
+        replace_linear_with_lora(TinyNet(), rank=2, alpha=float("nan"))
+
+
+def test_freeze_and_mark_only_lora_as_trainable_give_exact_counts():
+    model = TinyNet()
+    # 4 projections of 8*8+8 and the head 8*3+3, 2 LayerNorms of 2*8
+    total = 4 * 72 + 27 + 2 * 16
+    assert count_parameters(model) == ParameterCount(total, total)
+    assert freeze(model) is model
+    assert count_parameters(model) == ParameterCount(total, 0)
+
+    replace_linear_with_lora(model, rank=2, alpha=4, target_modules=["W_query", "W_value"])
+    assert mark_only_lora_as_trainable(model) is model
+    lora = 4 * 2 * (8 + 8)  # each adapted projection adds rank * (in + out)
+    assert count_parameters(model) == ParameterCount(total + lora, lora)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert all(name.endswith(("lora.A", "lora.B")) for name in trainable)
+    assert len(trainable) == 8
+
+
+def test_count_parameters_counts_shared_weights_once():
+    embedding = nn.Embedding(10, 4)
+    head = nn.Linear(4, 10, bias=False)
+    head.weight = embedding.weight  # tied, as in GPT-2
+    model = nn.ModuleDict({"embedding": embedding, "head": head})
+    assert count_parameters(model).total == 40
+
+
+def test_parameter_count_fraction_and_text():
+    count = ParameterCount(total=1_000_000, trainable=2_500)
+    assert count.trainable_fraction == 0.0025
+    assert str(count) == "total 1,000,000 | trainable 2,500 (0.25 %)"
+    assert ParameterCount(0, 0).trainable_fraction == 0.0
+
+
+def test_merge_lora_and_unmerge_lora_on_a_model():
+    torch.manual_seed(0)
+    model = replace_linear_with_lora(TinyNet(), rank=2, alpha=4)
+    randomize_B(model)
+    x = torch.randn(4, 8)
+    expected = model(x)
+    assert merge_lora(model) is model
+    assert all(layer.merged for _, layer in lora_layers(model))
+    torch.testing.assert_close(model(x), expected)
+    assert unmerge_lora(model) is model
+    assert not any(layer.merged for _, layer in lora_layers(model))
+    torch.testing.assert_close(model(x), expected)
+
+
+# --- LoRA state dicts ------------------------------------------------------------------
+
+
+def adapted(seed: int) -> TinyNet:
+    torch.manual_seed(0)  # the same base weights every time
+    model = replace_linear_with_lora(TinyNet(), rank=2, alpha=4, target_modules=["W_query"])
+    randomize_B(model, seed)
+    return model
+
+
+def test_lora_state_dict_holds_only_lora_tensors_detached():
+    model = adapted(seed=1)
+    state = lora_state_dict(model)
+    assert sorted(state) == [
+        "blocks.0.W_query.lora.A",
+        "blocks.0.W_query.lora.B",
+        "blocks.1.W_query.lora.A",
+        "blocks.1.W_query.lora.B",
+    ]
+    assert all(not t.requires_grad for t in state.values())
+    assert torch.equal(state["blocks.1.W_query.lora.B"], model.blocks[1].W_query.lora.B)
+
+
+def test_load_lora_state_dict_round_trip():
+    source, target = adapted(seed=1), adapted(seed=2)
+    x = torch.randn(3, 8)
+    assert not torch.allclose(source(x), target(x))
+    load_lora_state_dict(target, lora_state_dict(source))
+    torch.testing.assert_close(target(x), source(x))
+
+
+def test_load_lora_state_dict_errors():
+    state = lora_state_dict(adapted(seed=1))
+    with pytest.raises(ValueError, match="has no LoRA layers; call replace_linear_with_lora"):
+        load_lora_state_dict(TinyNet(), state)
+
+    merged = merge_lora(adapted(seed=2))
+    with pytest.raises(ValueError, match="merged; call unmerge_lora"):
+        load_lora_state_dict(merged, state)
+
+    other_targets = replace_linear_with_lora(TinyNet(), rank=2, alpha=4, target_modules=["head"])
+    with pytest.raises(ValueError, match=r"missing \['head.lora.A', 'head.lora.B'\]"):
+        load_lora_state_dict(other_targets, state)
+
+    wrong_rank = replace_linear_with_lora(TinyNet(), rank=3, alpha=4, target_modules=["W_query"])
+    with pytest.raises(ValueError, match=r"has shape \(8, 2\) in the file but \(8, 3\)"):
+        load_lora_state_dict(wrong_rank, state)

@@ -1,0 +1,151 @@
+"""lora_helpers.toy_tasks: the low-rank regression of notebook 02 and the copy task of notebook 03."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lora_helpers.attention import MultiHeadAttention, add_lora_to_attention
+from lora_helpers.lora import LinearWithLoRA, mark_only_lora_as_trainable
+from lora_helpers.toy_tasks import (
+    CopyModel,
+    attention_weights,
+    copy_accuracy,
+    copy_attention_pattern,
+    copy_batch,
+    fit_regression,
+    low_rank_change_task,
+    train_copy_task,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one thread is fastest, and does not fight other processes for cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_low_rank_change_task():
+    state = torch.random.get_rng_state()
+    task = low_rank_change_task(16, 12, change_rank=3, n_samples=50, seed=0)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert task.x.shape == (50, 16)
+    assert task.y.shape == (50, 12)
+    assert task.delta.shape == (12, 16)
+    assert torch.linalg.matrix_rank(task.delta) == 3
+    with torch.no_grad():
+        torch.testing.assert_close(task.y, task.base(task.x) + task.x @ task.delta.T)
+    again = low_rank_change_task(16, 12, change_rank=3, n_samples=50, seed=0)
+    assert torch.equal(again.y, task.y)
+    assert torch.equal(again.base.weight, task.base.weight)
+
+
+@pytest.mark.parametrize("change_rank", [0, 13])
+def test_low_rank_change_task_rejects_bad_rank(change_rank):
+    with pytest.raises(ValueError, match=r"change_rank must be from 1 to min\(in_dim, out_dim\)"):
+        low_rank_change_task(16, 12, change_rank=change_rank)
+
+
+def test_lora_of_the_right_rank_learns_the_change_and_a_lower_rank_cannot():
+    task = low_rank_change_task(32, 32, change_rank=2, n_samples=256)
+    results = {}
+    for rank in (1, 2):
+        torch.manual_seed(0)
+        layer = LinearWithLoRA(copy.deepcopy(task.base), rank=rank, alpha=rank)
+        losses = fit_regression(layer, task.x, task.y, steps=150, lr=1e-2)
+        assert len(losses) == 150
+        assert torch.equal(layer.linear.weight, task.base.weight)  # the base stayed frozen
+        results[rank] = losses[-1] / losses[0], layer.lora.delta_weight()
+    assert results[2][0] < 1e-3
+    torch.testing.assert_close(results[2][1], task.delta, atol=1e-2, rtol=0)
+    assert results[1][0] > 0.1
+
+
+def test_training_needs_trainable_parameters():
+    task = low_rank_change_task(8, 8, change_rank=1, n_samples=10)
+    frozen = task.base.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters; add LoRA layers"):
+        fit_regression(frozen, task.x, task.y, steps=1)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        train_copy_task(CopyModel().requires_grad_(False), 1, steps=1)
+
+
+def test_copy_batch_targets_are_the_tokens_offset_places_back():
+    g = torch.Generator().manual_seed(0)
+    idx, targets = copy_batch(4, offset=2, vocab_size=10, context_length=7, generator=g)
+    assert idx.shape == targets.shape == (4, 7)
+    assert torch.all(targets[:, :2] == -100)
+    assert torch.equal(targets[:, 2:], idx[:, :-2])
+    assert idx.max() < 10
+
+
+@pytest.mark.parametrize("offset", [0, 7])
+def test_copy_batch_rejects_bad_offset(offset):
+    g = torch.Generator()
+    with pytest.raises(ValueError, match="offset must be from 1 to context_length - 1 = 6"):
+        copy_batch(4, offset=offset, vocab_size=10, context_length=7, generator=g)
+
+
+def test_copy_model_shapes():
+    model = CopyModel(vocab_size=11, d_model=16, context_length=9, num_heads=4)
+    assert model(torch.zeros(3, 9, dtype=torch.long)).shape == (3, 9, 11)
+    assert model(torch.zeros(3, 5, dtype=torch.long)).shape == (3, 5, 11)
+
+
+@pytest.fixture(scope="module")
+def pretrained() -> CopyModel:
+    """A CopyModel trained to copy the previous token, as in notebook 03."""
+    torch.manual_seed(0)
+    model = CopyModel()
+    train_copy_task(model, offset=1, steps=300, lr=3e-3)
+    return model
+
+
+def test_pretraining_learns_the_copy_task(pretrained):
+    assert copy_accuracy(pretrained, offset=1) > 0.99
+    assert copy_accuracy(pretrained, offset=2) < 0.15  # about chance, 1 / 16
+
+
+def test_lora_on_attention_moves_where_it_looks(pretrained):
+    model = copy.deepcopy(pretrained)
+    torch.manual_seed(0)
+    mark_only_lora_as_trainable(add_lora_to_attention(model, "qv", rank=4, alpha=8))
+    train_copy_task(model, offset=2, steps=300)
+    assert copy_accuracy(model, offset=2) > 0.95
+    pattern = copy_attention_pattern(model).mean(0)  # (tokens, tokens), averaged over heads
+    rows = torch.arange(2, 12)
+    assert pattern[rows, rows - 2].mean() > 0.8  # attends two places back now
+    before = copy_attention_pattern(pretrained).mean(0)
+    assert before[rows, rows - 1].mean() > 0.8  # it attended one place back
+
+
+def test_lora_on_values_and_output_alone_cannot_move_attention(pretrained):
+    model = copy.deepcopy(pretrained)
+    torch.manual_seed(0)
+    mark_only_lora_as_trainable(add_lora_to_attention(model, "vo", rank=4, alpha=8))
+    train_copy_task(model, offset=2, steps=100)
+    assert torch.equal(copy_attention_pattern(model), copy_attention_pattern(pretrained))
+    assert copy_accuracy(model, offset=2) < 0.15
+
+
+def test_attention_weights_are_the_ones_the_layer_uses():
+    torch.manual_seed(0)
+    att = MultiHeadAttention(12, 12, context_length=6, dropout=0.0, num_heads=3)
+    x = torch.randn(2, 6, 12)
+    w = attention_weights(att, x)
+    assert w.shape == (2, 3, 6, 6)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 3, 6))
+    assert torch.count_nonzero(w.triu(1)) == 0
+    v = att.W_value(x).view(2, 6, 3, 4).transpose(1, 2)
+    context = (w @ v).transpose(1, 2).reshape(2, 6, 12)
+    torch.testing.assert_close(att.out_proj(context), att(x))
+
+
+def test_copy_attention_pattern_shape():
+    pattern = copy_attention_pattern(CopyModel(num_heads=2, context_length=12), n_sequences=4)
+    assert pattern.shape == (2, 12, 12)
+    assert isinstance(CopyModel().head, nn.Linear)
