@@ -270,10 +270,9 @@ def _file_layout(model: GPTModel) -> dict[str, tuple[list[torch.Tensor], bool]]:
     }
     for i, block in enumerate(model.trf_blocks):
         att, ff = block.att, block.ff.layers
-        qkv = (att.W_query, att.W_key, att.W_value)
         pieces = {
             "ln_1": [block.norm1],
-            "attn.c_attn": list(qkv),
+            "attn.c_attn": [att.W_query, att.W_key, att.W_value],
             "attn.c_proj": [att.out_proj],
             "ln_2": [block.norm2],
             "mlp.c_fc": [ff[0]],
@@ -305,7 +304,10 @@ def _likely_cause(shapes: dict[str, tuple[int, ...]], model: GPTModel) -> str:
     in_file = _describe(max(blocks, default=-1) + 1, shapes["wte.weight"][-1])
     in_model = _describe(len(model.trf_blocks), model.tok_emb.embedding_dim)
     if in_file != in_model:
-        return f"the file holds {in_file} but the model is {in_model}, so build the model from the matching gpt2_config(...)"
+        return (
+            f"the file holds {in_file} but the model is {in_model}, so build the model from "
+            "the matching gpt2_config(...)"
+        )
     return (
         f"file and model are both {in_model}, so compare the model's config with GPT-2's "
         f"(vocab_size 50257, context_length 1024, qkv_bias True)"
@@ -383,13 +385,6 @@ def load_gpt2_safetensors(model: GPTModel, path: str | os.PathLike) -> None:
                 targets, tensor.split(sizes, dim=1 if conv else 0), strict=True
             ):
                 target.copy_(piece.T if conv else piece)
-
-
-def check_gpt2_safetensors(path: str | os.PathLike, name: str) -> None:
-    """Raise ValueError unless `path` holds GPT-2 size `name` (names and shapes; reads the header only)."""
-    with torch.device("meta"):
-        model = GPTModel(gpt2_config(name))
-    _match(model, Path(path))
 
 
 # --------------------------------------------------------------------------- fallback

@@ -167,6 +167,8 @@ def replace_linear_with_lora(
             if conv1d
             else ""
         )
+        if wrapped:
+            hint = " Every nn.Linear already has LoRA; replace_linear_with_lora was called twice."
         raise ValueError(f"The model has no nn.Linear layer to put LoRA on.{hint}")
     if target_modules is None:
         chosen = list(linears)

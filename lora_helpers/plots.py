@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import torch
+from matplotlib import ticker
 from matplotlib.figure import Figure
 
 from .explore import (
@@ -34,6 +35,7 @@ def plot_parameter_counts(d: int, k: int, rank: int) -> Figure:
         f"({100 * chosen.ratio:.3g} %)",
         fontsize=10,
     )
+    ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     return fig
@@ -89,6 +91,9 @@ def plot_update_size(
         title=f"alpha = {alpha:g}: how far the same training moves the weights",
     )
     ax.set_xticks(list(ranks), [str(r) for r in ranks])
+    ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -107,7 +112,10 @@ def plot_losses(curves: Mapping[str, Sequence[float]], title: str, log: bool = T
 
 def plot_attention_patterns(patterns: Mapping[str, torch.Tensor]) -> Figure:
     """One heatmap per name of attention weights (tokens, tokens): row = query, column = key."""
-    fig, axes = plt.subplots(1, len(patterns), figsize=(3.6 * len(patterns), 3.4), squeeze=False)
+    n = len(patterns)
+    fig, axes = plt.subplots(
+        1, n, figsize=(2.8 * n + 1, 3.2), squeeze=False, sharey=True, layout="constrained"
+    )
     for ax, (name, weights) in zip(axes[0], patterns.items(), strict=True):
         if weights.ndim != 2 or weights.shape[0] != weights.shape[1]:
             raise ValueError(
@@ -115,6 +123,7 @@ def plot_attention_patterns(patterns: Mapping[str, torch.Tensor]) -> Figure:
                 f"{tuple(weights.shape)}; average over batch and heads first."
             )
         image = ax.imshow(weights.detach().cpu().numpy(), cmap="Blues", vmin=0, vmax=1)
-        ax.set(title=name, xlabel="key position (attended to)", ylabel="query position")
+        ax.set(title=name, xlabel="key position")
+    axes[0][0].set_ylabel("query position")
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="attention weight")
     return fig

@@ -22,8 +22,8 @@ from torch import nn
 
 from .attention import MultiHeadAttention
 from .lora import (
+    LinearWithLoRA,
     count_parameters,
-    lora_layers,
     mark_only_lora_as_trainable,
     replace_linear_with_lora,
 )
@@ -212,18 +212,46 @@ def module_names(keys: Sequence[str]) -> list[str]:
 
 @dataclass
 class Run:
-    """One fine-tuning run: settings, curves and final numbers."""
+    """One fine-tuning run: its model, curves and final numbers."""
 
-    rank: int
-    alpha: float
-    rule: str
-    targets: list[str]
+    label: str
+    model: nn.Module = field(repr=False)
     trainable: int
     train_curve: list[float] = field(repr=False)
     heldout_curve: list[tuple[int, float]] = field(repr=False)
     train_loss: float
     heldout_loss: float
     heldout_accuracy: float
+
+
+def train_run(
+    model: nn.Module,
+    train_data: Data,
+    heldout: Data,
+    *,
+    label: str,
+    steps: int = 200,
+    lr: float = 1e-2,
+    seed: int = 0,
+    eval_every: int = 10,
+) -> Run:
+    """Train the trainable parameters of `model` in place (see train) and collect a Run."""
+    model.train()
+    train_curve, heldout_curve = train(
+        model, train_data, steps=steps, lr=lr, seed=seed, heldout=heldout, eval_every=eval_every
+    )
+    model.eval()
+    loss, accuracy = loss_and_accuracy(model, heldout)
+    return Run(
+        label=label,
+        model=model,
+        trainable=count_parameters(model).trainable,
+        train_curve=train_curve,
+        heldout_curve=heldout_curve,
+        train_loss=loss_and_accuracy(model, train_data)[0],
+        heldout_loss=loss,
+        heldout_accuracy=accuracy,
+    )
 
 
 def lora_run(
@@ -234,35 +262,404 @@ def lora_run(
     alpha: float,
     *,
     rule: str = "alpha/r",
-    targets: Sequence[str] = ("Q", "K", "V", "O", "MLP1", "MLP2"),
+    targets: Sequence[str] = ("Q", "K", "V", "O"),
     steps: int = 200,
     lr: float = 1e-2,
     seed: int = 0,
+    eval_every: int = 10,
 ) -> Run:
     """Fine-tune a copy of `base` with LoRA on `targets` (short names); `base` is not touched."""
-    if rule not in RULES:
-        raise ValueError(f"rule must be one of {RULES}, got {rule!r}.")
+    scaling_of(rank, alpha, rule)  # checks the rule
     model = copy.deepcopy(base)
     torch.manual_seed(seed)
     replace_linear_with_lora(
         model, rank, alpha, module_names(targets), rslora=rule == "alpha/sqrt(r)"
     )
     mark_only_lora_as_trainable(model)
-    model.train()
-    train_curve, heldout_curve = train(
-        model, train_data, steps=steps, lr=lr, seed=seed, heldout=heldout
+    label = f"rank {rank}, alpha {alpha:g}, {rule}"
+    return train_run(
+        model,
+        train_data,
+        heldout,
+        label=label,
+        steps=steps,
+        lr=lr,
+        seed=seed,
+        eval_every=eval_every,
     )
-    model.eval()
-    loss, accuracy = loss_and_accuracy(model, heldout)
-    return Run(
-        rank=rank,
-        alpha=float(alpha),
-        rule=rule,
-        targets=list(targets),
-        trainable=count_parameters(model).trainable,
-        train_curve=train_curve,
-        heldout_curve=heldout_curve,
-        train_loss=loss_and_accuracy(model, train_data)[0],
-        heldout_loss=loss,
-        heldout_accuracy=accuracy,
+
+
+def full_finetune_run(
+    base: nn.Module,
+    train_data: Data,
+    heldout: Data,
+    *,
+    targets: Sequence[str] = tuple(LINEAR_NAMES),
+    steps: int = 300,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> Run:
+    """Train every entry of the weight matrices `targets` of a copy of `base` (biases stay frozen)."""
+    model = copy.deepcopy(base).requires_grad_(False)
+    for name in module_names(targets):
+        model.get_submodule(name).weight.requires_grad_(True)
+    return train_run(
+        model, train_data, heldout, label="full fine-tuning", steps=steps, lr=lr, seed=seed
     )
+
+
+def plot_runs(runs: Sequence[Run], title: str = "") -> plt.Figure:
+    """Training loss (thin) and held-out loss (thick) against step, one colour per run."""
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for i, run in enumerate(runs):
+        color = f"C{i}"
+        ax.plot(run.train_curve, color=color, alpha=0.35, lw=1)
+        steps, losses = zip(*run.heldout_curve, strict=True)
+        ax.plot(
+            steps, losses, color=color, lw=2, label=f"{run.label}: held-out {run.heldout_loss:.3f}"
+        )
+    ax.set(xlabel="step", ylabel="cross-entropy", yscale="log", title=title)
+    ax.legend(fontsize=8, title="thin: training loss, thick: held-out", title_fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def rank_alpha_figure(
+    base: nn.Module, train_data: Data, heldout: Data, rank: int, alpha: float, rule: str
+) -> plt.Figure:
+    """The slider's function: one LoRA run (Q, K, V, O) with these settings, plotted."""
+    run = lora_run(base, train_data, heldout, rank, alpha, rule=rule)
+    return plot_runs([run], title=f"scaling = {rule} = {scaling_of(rank, alpha, rule):.3g}")
+
+
+@dataclass
+class Sweep:
+    """Final losses of a grid of runs: rows are ranks, columns alphas."""
+
+    ranks: list[int]
+    alphas: list[float]
+    rule: str
+    train_loss: torch.Tensor  # (len(ranks), len(alphas))
+    heldout_loss: torch.Tensor  # (len(ranks), len(alphas))
+
+
+def scaling_of(rank: int, alpha: float, rule: str) -> float:
+    """The factor LoRA multiplies its update by: alpha / r, or alpha / sqrt(r) (rsLoRA)."""
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}.")
+    return alpha / (rank if rule == "alpha/r" else math.sqrt(rank))
+
+
+def sweep_rank_alpha(
+    base: nn.Module,
+    train_data: Data,
+    heldout: Data,
+    ranks: Sequence[int],
+    alphas: Sequence[float],
+    *,
+    rules: Sequence[str] = RULES,
+    steps: int = 150,
+    seed: int = 0,
+) -> list[Sweep]:
+    """One LoRA run (Q, K, V, O) per (rank, alpha) and rule; runs with equal scaling are shared."""
+    done: dict[tuple[int, float], Run] = {}  # at rank 1 both rules give the same run
+    sweeps = []
+    for rule in rules:
+        train_loss = torch.empty(len(ranks), len(alphas))
+        heldout_loss = torch.empty(len(ranks), len(alphas))
+        for i, rank in enumerate(ranks):
+            for j, alpha in enumerate(alphas):
+                key = (rank, scaling_of(rank, alpha, rule))
+                if key not in done:
+                    done[key] = lora_run(
+                        base,
+                        train_data,
+                        heldout,
+                        rank,
+                        alpha,
+                        rule=rule,
+                        steps=steps,
+                        seed=seed,
+                        eval_every=steps,
+                    )
+                train_loss[i, j] = done[key].train_loss
+                heldout_loss[i, j] = done[key].heldout_loss
+        sweeps.append(
+            Sweep(list(ranks), [float(a) for a in alphas], rule, train_loss, heldout_loss)
+        )
+    return sweeps
+
+
+def plot_sweeps(sweeps: Sequence[Sweep]) -> plt.Figure:
+    """Heat maps of final training loss (top row) and held-out loss (bottom row), one column per sweep."""
+    fig, axes = plt.subplots(
+        2, len(sweeps), figsize=(4.2 * len(sweeps), 6.4), squeeze=False, layout="constrained"
+    )
+    for row, which in enumerate(("train_loss", "heldout_loss")):
+        grids = [getattr(s, which) for s in sweeps]
+        vmin, vmax = min(g.min().item() for g in grids), max(g.max().item() for g in grids)
+        for ax, sweep, grid in zip(axes[row], sweeps, grids, strict=True):
+            image = ax.imshow(grid, cmap="viridis_r", vmin=vmin, vmax=vmax, aspect="auto")
+            for i in range(grid.shape[0]):
+                for j in range(grid.shape[1]):
+                    dark = grid[i, j] > (vmin + vmax) / 2
+                    ax.text(
+                        j,
+                        i,
+                        f"{grid[i, j]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="white" if dark else "black",
+                    )
+            ax.set_xticks(range(len(sweep.alphas)), [f"{a:g}" for a in sweep.alphas])
+            ax.set_yticks(range(len(sweep.ranks)), sweep.ranks)
+            name = "training loss" if which == "train_loss" else "held-out loss"
+            ax.set(xlabel="alpha", ylabel="rank", title=f"{name}, scaling {sweep.rule}")
+        fig.colorbar(image, ax=axes[row].tolist(), shrink=0.9)
+    return fig
+
+
+@dataclass
+class RankFit:
+    """Final losses against rank, one row per seed: (len(seeds), len(ranks)) each."""
+
+    ranks: list[int]
+    train_loss: torch.Tensor
+    heldout_loss: torch.Tensor
+
+
+def fit_by_rank(
+    base: nn.Module,
+    train_data: Data,
+    heldout: Data,
+    ranks: Sequence[int],
+    *,
+    scaling: float = 2.0,
+    seeds: Sequence[int] = (0, 1),
+    steps: int = 300,
+) -> RankFit:
+    """LoRA (Q, K, V, O) at each rank with alpha = scaling * rank (so alpha/r is fixed), per seed."""
+    train_loss = torch.empty(len(seeds), len(ranks))
+    heldout_loss = torch.empty(len(seeds), len(ranks))
+    for s, seed in enumerate(seeds):
+        for i, rank in enumerate(ranks):
+            run = lora_run(
+                base,
+                train_data,
+                heldout,
+                rank,
+                scaling * rank,
+                steps=steps,
+                seed=seed,
+                eval_every=steps,
+            )
+            train_loss[s, i], heldout_loss[s, i] = run.train_loss, run.heldout_loss
+    return RankFit(list(ranks), train_loss, heldout_loss)
+
+
+def plot_fit_by_rank(fit: RankFit) -> plt.Figure:
+    """Training and held-out loss against rank: mean over seeds, with each seed as a dot."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name, grid, color in (
+        ("training (noisy labels)", fit.train_loss, "C0"),
+        ("held-out (clean labels)", fit.heldout_loss, "C3"),
+    ):
+        ax.plot(fit.ranks, grid.mean(0), "o-", color=color, label=name)
+        for row in grid:
+            ax.plot(fit.ranks, row, ".", color=color, alpha=0.4)
+    ax.set(xscale="log", xlabel="rank r", ylabel="final cross-entropy")
+    ax.set_xticks(fit.ranks, [str(r) for r in fit.ranks])
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def budget_ranks(budget: int, target_sets: dict[str, list[str]] = TARGET_SETS) -> dict[str, int]:
+    """The LoRA rank that spends exactly `budget` parameters on each target set.
+
+    Every linear layer is D_MODEL x D_MODEL, so rank r on k of them costs r * k * 2 * D_MODEL.
+    """
+    ranks = {}
+    for name, keys in target_sets.items():
+        per_rank = len(module_names(keys)) * 2 * D_MODEL
+        if budget % per_rank or not 1 <= budget // per_rank <= D_MODEL:
+            raise ValueError(
+                f"A budget of {budget} parameters does not give {name!r} a whole rank between 1 "
+                f"and {D_MODEL} (one rank costs {per_rank}); use a multiple of "
+                f"{math.lcm(*(len(k) * 2 * D_MODEL for k in target_sets.values()))}."
+            )
+        ranks[name] = budget // per_rank
+    return ranks
+
+
+@dataclass
+class TargetResult:
+    """Held-out loss and accuracy of one target set, one entry per seed."""
+
+    name: str
+    rank: int
+    trainable: int
+    heldout_loss: list[float]
+    heldout_accuracy: list[float]
+
+
+def compare_targets(
+    base: nn.Module,
+    train_data: Data,
+    heldout: Data,
+    budget: int,
+    *,
+    target_sets: dict[str, list[str]] = TARGET_SETS,
+    seeds: Sequence[int] = (0, 1, 2),
+    steps: int = 200,
+) -> list[TargetResult]:
+    """LoRA on each target set at the rank budget_ranks gives it (alpha = 2 * rank), per seed."""
+    results = []
+    for name, rank in budget_ranks(budget, target_sets).items():
+        runs = [
+            lora_run(
+                base,
+                train_data,
+                heldout,
+                rank,
+                2 * rank,
+                targets=target_sets[name],
+                steps=steps,
+                seed=seed,
+                eval_every=steps,
+            )
+            for seed in seeds
+        ]
+        results.append(
+            TargetResult(
+                name,
+                rank,
+                runs[0].trainable,
+                [r.heldout_loss for r in runs],
+                [r.heldout_accuracy for r in runs],
+            )
+        )
+    return results
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain-text table with right-aligned columns."""
+    cells = [list(map(str, headers))] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def targets_table(results: Sequence[TargetResult]) -> str:
+    """compare_targets' results as a table: mean and spread (min-max) over seeds."""
+    rows = []
+    for r in results:
+        loss = torch.tensor(r.heldout_loss)
+        acc = 100 * torch.tensor(r.heldout_accuracy)
+        rows.append(
+            [
+                r.name,
+                r.rank,
+                r.trainable,
+                f"{loss.mean():.3f} ({loss.min():.3f}-{loss.max():.3f})",
+                f"{acc.mean():.1f} ({acc.min():.1f}-{acc.max():.1f})",
+            ]
+        )
+    headers = ["adapted", "rank", "parameters", "held-out loss (min-max)", "accuracy % (min-max)"]
+    return format_table(headers, rows)
+
+
+# --- Notebook 07: the rank of a full fine-tuning's update ---------------------------------
+
+
+def effective_weight(layer: nn.Module) -> torch.Tensor:
+    """The weight a layer applies, (out, in): W of an nn.Linear, W + dW of an unmerged LinearWithLoRA."""
+    if isinstance(layer, nn.Linear):
+        return layer.weight.detach()
+    if isinstance(layer, LinearWithLoRA) and not layer.merged:
+        return (layer.linear.weight + layer.lora.delta_weight()).detach()
+    raise TypeError(
+        f"Expected an nn.Linear or an unmerged LinearWithLoRA, got {type(layer).__name__}."
+    )
+
+
+def weight_deltas(
+    base: nn.Module, tuned: nn.Module, keys: Sequence[str] = tuple(LINEAR_NAMES)
+) -> dict[str, torch.Tensor]:
+    """dW = W_tuned - W_base for each layer key ("Q", ...), each (out, in)."""
+    return {
+        key: effective_weight(tuned.get_submodule(name))
+        - effective_weight(base.get_submodule(name))
+        for key, name in zip(keys, module_names(keys), strict=True)
+    }
+
+
+def energy_in_top(singular_values: torch.Tensor, r: int) -> float:
+    """Fraction of ||dW||_F^2 in the top r singular values: sum(s[:r]^2) / sum(s^2)."""
+    energy = singular_values.double() ** 2
+    return (energy[:r].sum() / energy.sum()).item()
+
+
+def best_rank_approx(delta: torch.Tensor, r: int) -> torch.Tensor:
+    """The closest rank-r matrix to `delta` (out, in) in Frobenius norm: its truncated SVD."""
+    if not 1 <= r <= min(delta.shape):
+        raise ValueError(f"r must be in 1..{min(delta.shape)} for a {tuple(delta.shape)} matrix.")
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    return u[:, :r] @ torch.diag(s[:r]) @ vh[:r]
+
+
+def with_deltas(base: nn.Module, deltas: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of `base` with W += dW on each layer key of `deltas`."""
+    model = copy.deepcopy(base)
+    with torch.no_grad():
+        for key, delta in deltas.items():
+            model.get_submodule(module_names([key])[0]).weight += delta
+    return model
+
+
+def truncated_losses(
+    base: nn.Module, deltas: dict[str, torch.Tensor], heldout: Data, ranks: Sequence[int]
+) -> list[float]:
+    """Held-out loss of base + (every dW cut to its best rank-r approximation), for each r."""
+    return [
+        loss_and_accuracy(
+            with_deltas(base, {k: best_rank_approx(d, r) for k, d in deltas.items()}), heldout
+        )[0]
+        for r in ranks
+    ]
+
+
+def plot_spectra(deltas: dict[str, torch.Tensor], mark: int | None = None) -> plt.Figure:
+    """Singular values of each dW (left) and the cumulative share of ||dW||^2 (right)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for i, (key, delta) in enumerate(deltas.items()):
+        s = torch.linalg.svdvals(delta)
+        index = torch.arange(1, len(s) + 1)
+        left.plot(index, s, ".-", color=f"C{i}", label=key)
+        right.plot(index, (s**2).cumsum(0) / (s**2).sum(), ".-", color=f"C{i}", label=key)
+    left.set(xlabel="index i", ylabel="singular value σ_i of ΔW", yscale="log")
+    right.set(xlabel="r", ylabel="share of ||ΔW||² in the top r", ylim=(0, 1.02))
+    if mark is not None:
+        for ax in (left, right):
+            ax.axvline(mark, color="grey", ls=":", lw=1)
+    left.legend(ncol=2, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_loss_vs_rank(
+    ranks: Sequence[int], curves: dict[str, Sequence[float]], reference: dict[str, float]
+) -> plt.Figure:
+    """Held-out loss against rank, one line per curve, dashed lines for reference losses."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for i, (name, losses) in enumerate(curves.items()):
+        ax.plot(ranks, losses, "o-", color=f"C{i}", label=name)
+    for i, (name, loss) in enumerate(reference.items()):
+        ax.axhline(loss, color=f"C{i + len(curves)}", ls="--", lw=1, label=name)
+    ax.set(xscale="log", yscale="log", xlabel="rank r", ylabel="held-out cross-entropy")
+    ax.set_xticks(list(ranks), [str(r) for r in ranks])
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

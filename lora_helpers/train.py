@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
 import torch
@@ -33,9 +34,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .adapters import save_adapter
-from .data import Loaders
+from .assets import data_dir
+from .data import LABELS, Loaders, encode
 from .gpt2 import classify_logits
 from .lora import count_parameters, mark_only_lora_as_trainable, replace_linear_with_lora
+
+if TYPE_CHECKING:
+    from tiktoken import Encoding
 
 MODES = ("lora", "full", "last-block")
 
@@ -230,9 +235,11 @@ def train_classifier(
             history.val_acc.append(evaluate(model, val_loader, device, eval_batches)[1])
             if step == total:
                 break
+    except TrainingStopped:
+        raise
     except torch.cuda.OutOfMemoryError:
         raise _out_of_memory(device, train_loader) from None
-    except RuntimeError as error:
+    except RuntimeError as error:  # MPS reports running out of memory as a RuntimeError
         if "out of memory" not in str(error).lower():
             raise
         raise _out_of_memory(device, train_loader) from None
@@ -277,7 +284,6 @@ class Recipe:
     alpha: float = 16
     max_length: int | None = None  # None: the longest training message
     sizes: tuple[int, int, int] | None = None  # (train, val, test) rows; None: all
-    max_steps: int | None = None
     eval_every: int = 50
     eval_batches: int = 5
     quick: bool = False
@@ -293,23 +299,18 @@ class Recipe:
             if self.max_length is None
             else f"at most {self.max_length} tokens"
         )
-        steps = "" if self.max_steps is None else f", at most {self.max_steps} steps"
         lrs = ", ".join(f"{m} {lr:g}" for m, lr in self.lr.items())
         return (
-            f"{self.epochs} epoch(s){steps}, batch {self.batch_size}, {rows}, padded to {tokens}; "
+            f"{self.epochs} epoch(s), batch {self.batch_size}, {rows}, padded to {tokens}; "
             f"LoRA r={self.rank}, alpha={self.alpha:g}; AdamW lr ({lrs}), weight decay {self.weight_decay:g}"
         )
 
 
 FULL_RECIPE = Recipe()
+#: Small enough for a CPU: one epoch on a third of the training rows, messages cut at 64
+#: tokens; validation and test are the full recipe's 149 and 300 rows.
 QUICK_RECIPE = Recipe(
-    epochs=1,
-    sizes=(160, 40, 80),
-    max_length=32,
-    eval_every=5,
-    eval_batches=2,
-    lr={"lora": 2e-3, "full": 2e-4, "last-block": 2e-4},
-    quick=True,
+    epochs=1, sizes=(480, 149, 300), max_length=64, eval_every=10, eval_batches=5, quick=True
 )
 
 
@@ -317,15 +318,15 @@ def choose_recipe(device: torch.device, full: bool | None = None) -> Recipe:
     """The full recipe on a CUDA GPU, the quick one elsewhere (or as `full` says); prints which."""
     if full is None:
         full = device.type == "cuda"
-    recipe = FULL_RECIPE if full else QUICK_RECIPE
     if full:
-        print(f"Full recipe: {recipe.describe()}.")
-    else:
-        print(
-            f"QUICK MODE (no CUDA GPU): {recipe.describe()}.\n"
-            f"The full recipe would be: {FULL_RECIPE.describe()}."
-        )
-    return recipe
+        print(f"Full recipe: {FULL_RECIPE.describe()}.")
+        return FULL_RECIPE
+    why = "as asked" if device.type == "cuda" else f"no CUDA GPU, running on {device.type}"
+    print(
+        f"QUICK MODE ({why}): {QUICK_RECIPE.describe()}.\n"
+        f"The full recipe (on a CUDA GPU) is: {FULL_RECIPE.describe()}."
+    )
+    return QUICK_RECIPE
 
 
 @dataclass
@@ -400,7 +401,6 @@ def run_mode(
         epochs=recipe.epochs,
         lr=recipe.lr[mode],
         weight_decay=recipe.weight_decay,
-        max_steps=recipe.max_steps,
         eval_every=recipe.eval_every,
         eval_batches=recipe.eval_batches,
         seed=seed,
@@ -417,25 +417,29 @@ def run_mode(
     )
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
+def _size(n: float) -> str:
+    """Bytes in decimal units: "796.9 KB"."""
+    for unit in ("B", "KB", "MB"):
+        if n < 1000:
             return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
         n /= 1000
-    raise AssertionError("unreachable")
+    return f"{n:,.2f} GB"
 
 
-def results_table(results: list[RunResult], *, measured: bool = False) -> str:
-    """A text table: parameters, checkpoint size and accuracies, or (measured=True) time and memory."""
+def results_table(rows: list[dict], *, measured: bool = False) -> str:
+    """A text table of RunResult.row() dicts: parameters, checkpoint size and accuracies,
+    or (measured=True) the numbers that vary from run to run: time per epoch and peak memory."""
     if measured:
         header = ("mode", "time / epoch", "peak accelerator memory")
-        rows = [
+        cells = [
             (
-                r.mode,
-                f"{r.history.seconds_per_epoch:.2f} s",
-                "n/a (CPU)" if r.peak_memory is None else f"{r.peak_memory / 2**30:.2f} GiB",
+                r["mode"],
+                f"{r['seconds_per_epoch']:.2f} s",
+                "n/a (CPU)"
+                if r["peak_memory_bytes"] is None
+                else f"{r['peak_memory_bytes'] / 2**30:.2f} GiB",
             )
-            for r in results
+            for r in rows
         ]
     else:
         header = (
@@ -447,23 +451,34 @@ def results_table(results: list[RunResult], *, measured: bool = False) -> str:
             "val acc",
             "test acc",
         )
-        rows = [
+        cells = [
             (
-                r.mode,
-                f"{r.trainable:,}",
-                f"{100 * r.trainable / r.total:.2f} %",
-                _size(r.checkpoint_bytes),
-                *(f"{100 * r.accuracy[s]:.1f} %" for s in ("train", "val", "test")),
+                r["mode"],
+                f"{r['trainable_params']:,}",
+                f"{100 * r['trainable_params'] / r['total_params']:.2f} %",
+                _size(r["checkpoint_bytes"]),
+                *(f"{100 * r['accuracy'][s]:.1f} %" for s in ("train", "val", "test")),
             )
-            for r in results
+            for r in rows
         ]
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows, strict=True)]
+    widths = [max(len(x) for x in column) for column in zip(header, *cells, strict=True)]
     lines = [
-        " | ".join(str(x).rjust(w) for x, w in zip(row, widths, strict=True))
-        for row in (header, *rows)
+        " | ".join(x.rjust(w) for x, w in zip(row, widths, strict=True)) for row in (header, *cells)
     ]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+@torch.no_grad()
+def classify_texts(
+    model: nn.Module, texts: list[str], tokenizer: Encoding, max_length: int
+) -> list[tuple[str, float]]:
+    """(label, probability) per text, padded exactly as in training (to `max_length` tokens)."""
+    model.eval()
+    device = next(model.parameters()).device
+    ids = encode(texts, tokenizer, max_length).to(device)
+    probs = torch.softmax(classify_logits(model, ids).float(), dim=-1)
+    return [(LABELS[int(p.argmax())], float(p.max())) for p in probs]
 
 
 def plot_history(history: History, title: str = "") -> Figure:
@@ -521,3 +536,14 @@ def save_results(
     figure.savefig(part, format="png", dpi=120)
     os.replace(part, png_path)
     return json_path, png_path
+
+
+def results_dir() -> Path:
+    """results/ of the repository checkout, else data_dir()/results (an installed package)."""
+    repo = Path(__file__).resolve().parents[1] / "results"
+    return repo if (repo / "README.md").is_file() else data_dir() / "results"
+
+
+def saved_results(prefix: str) -> list[tuple[Path, dict]]:
+    """(path, contents) of every results/<prefix>*.json, sorted by name."""
+    return [(p, json.loads(p.read_text())) for p in sorted(results_dir().glob(f"{prefix}*.json"))]

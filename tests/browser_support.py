@@ -198,6 +198,8 @@ async (path) => {
   await panel.sessionContext.ready;
   await panel.revealed;
   window.__loraPanel = panel;
+  window.__loraSaves = 0;  // the test must never write the notebook back
+  panel.context.saveState.connect((_, state) => { if (state === 'started') window.__loraSaves++; });
   const ok = await app.commands.execute('notebook:run-all-cells');
   return ok;
 }
@@ -340,6 +342,8 @@ def check_sliders(
             moved += _check_cell_sliders(page, cell["index"], problems)
         if widgets and not moved and not problems:
             problems.append("widgets rendered but no slider was found to move")
+        if page.evaluate("window.__loraSaves"):
+            problems.append("JupyterLab saved the notebook during the test (autosave is on?)")
         first = page.locator(".widget-slider").first
         if first.count():
             first.scroll_into_view_if_needed()
@@ -414,3 +418,18 @@ def _check_cell_sliders(page, index: int, problems: list[str]) -> int:
             problems.append(f"cell {index}: moving slider {k} raised: {after['text'][-300:]!r}")
         moved += 1
     return moved
+
+
+def rise_slides(context, server: JupyterLab, notebook: Path, timeout: float = 60.0) -> list[str]:
+    """Open `notebook` in jupyterlab_rise's slideshow; the first line of text of each slide."""
+    rel = notebook.resolve().relative_to(server.root.resolve()).as_posix()
+    page = context.new_page()
+    try:
+        page.goto(f"{server.url}/rise/{rel}?token={server.token}")
+        page.wait_for_selector(".reveal .slides > section", timeout=timeout * 1000)
+        return page.evaluate(
+            """() => Array.from(document.querySelectorAll('.reveal .slides > section'))
+                 .map(s => (s.textContent || '').trim().split('\\n')[0])"""
+        )
+    finally:
+        page.close()

@@ -166,6 +166,15 @@ def test_a_partial_file_longer_than_the_expected_size_restarts(server, isolated)
     assert path.read_bytes() == DATA
 
 
+def test_a_partial_file_the_server_cannot_continue_restarts(server, isolated):
+    part = isolated / "things" / "blob.bin.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(DATA + b"extra")  # no expected size given: only the server can tell
+    path = fetch(REL, server.url("/blob.bin"), sha256=SHA)
+    assert server.requests == [("/blob.bin", f"bytes={len(DATA) + 5}-"), ("/blob.bin", None)]
+    assert path.read_bytes() == DATA
+
+
 def test_refused_connection_is_one_sentence_saying_offline_and_what_to_do(isolated):
     with pytest.raises(AssetError) as err:
         fetch(REL, closed_port_url(), sha256=SHA)

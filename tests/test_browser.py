@@ -19,6 +19,7 @@ from browser_support import (
     check_sliders,
     find_chromium,
     open_browser,
+    rise_slides,
     slider_notebooks,
 )
 
@@ -58,7 +59,7 @@ def test_the_series_has_slider_notebooks():
 def test_widgets_render_and_sliders_update_their_output(browser, lab, notebook):
     before = sha256(notebook)
     report = check_sliders(browser, lab, notebook)
-    assert sha256(notebook) == before, f"the browser test modified {report.notebook}"
+    assert sha256(notebook) == before, f"{report.notebook} changed on disk during the test"
     assert not report.problems, (
         f"{report.notebook} (screenshot: {report.screenshot}):\n" + "\n".join(report.problems)
     )
@@ -110,3 +111,12 @@ def test_the_check_catches_a_dead_slider_and_a_widget_that_cannot_render(browser
     assert "cell 2: moving slider 0 did not change the output below it" in problems
     assert "cell 3 shows a widget error" in problems, problems
     assert "Failed to load model class 'NoSuchModel'" in problems, problems
+
+
+def test_rise_presents_a_notebook_as_slides(browser, lab):
+    notebook = ROOT / "notebooks" / "00_setup_check.ipynb"
+    cells = json.loads(notebook.read_text(encoding="utf-8"))["cells"]
+    kinds = [c["metadata"].get("slideshow", {}).get("slide_type") for c in cells]
+    expected = kinds.count("slide") + (kinds[0] != "slide")  # cells before the first slide
+    slides = rise_slides(browser, lab, notebook)
+    assert len(slides) == expected, slides

@@ -16,7 +16,6 @@ from lora_helpers.assets import AssetError
 from lora_helpers.gpt2 import (
     FALLBACK_CONFIG,
     GPTModel,
-    check_gpt2_safetensors,
     classify_logits,
     generate,
     get_tokenizer,
@@ -187,8 +186,10 @@ def test_loading_into_another_size_names_the_tensor_and_the_cause(hf_files):
         load_gpt2_safetensors(_tiny_model({**TINY, "emb_dim": 64}), hf_files[1]["openai-style"])
     with pytest.raises(ValueError, match=r"missing \['h.2.ln_1.weight'.*2-block, 32-dim"):
         load_gpt2_safetensors(_tiny_model({**TINY, "n_layers": 3}), hf_files[1]["openai-style"])
-    with pytest.raises(ValueError, match=r"gpt2-small \(12 blocks, 768-dim\)"):
-        check_gpt2_safetensors(hf_files[1]["save_pretrained"], "gpt2-small")
+    with torch.device("meta"):
+        small = GPTModel(gpt2_config("gpt2-small"))
+    with pytest.raises(ValueError, match=r"but the model is gpt2-small \(12 blocks, 768-dim\)"):
+        load_gpt2_safetensors(small, hf_files[1]["save_pretrained"])
 
 
 def test_loading_into_a_model_without_qkv_bias_names_the_extra_tensors(hf_files):

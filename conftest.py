@@ -9,7 +9,7 @@
 import os
 from pathlib import Path
 
-SHARED_ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+SHARED_ASSETS = Path(__file__).resolve().parents[1] / "shared" / "assets"
 
 os.environ["LORA_PRETRAINED"] = "0"
 if SHARED_ASSETS.is_dir():

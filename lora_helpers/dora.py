@@ -1,0 +1,156 @@
+"""DoRA from scratch: LoRA on the direction of a weight, plus a trainable magnitude.
+
+DoRA (Liu et al., 2024) splits a weight into a magnitude and a direction and adapts them apart:
+
+    W' = m * (W + dW) / ||W + dW||,   dW = scaling * (A @ B)^T, the LoRA update
+
+The paper writes W as (in x out) and takes the norm of each column, one per output feature.
+nn.Linear stores W as (out, in), so here that is the norm of each row: m has shape (out,).
+m starts at ||W|| (row by row) and B at zero, so the layer starts exactly as the base layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .lora import LoRALayer, freeze
+
+
+def _row_norms(weight: torch.Tensor) -> torch.Tensor:
+    """||W[i, :]|| for each output feature i: (out, in) -> (out,)."""
+    return torch.linalg.vector_norm(weight, dim=1)
+
+
+class LinearWithDoRA(nn.Module):
+    """A frozen nn.Linear adapted by DoRA: x (..., in) -> x W'^T + b, shape (..., out)."""
+
+    def __init__(self, linear: nn.Linear, rank: int, alpha: float, *, rslora: bool = False) -> None:
+        super().__init__()
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"LinearWithDoRA wraps an nn.Linear, got {type(linear).__name__}.")
+        self.linear = linear
+        self.linear.requires_grad_(False)
+        self.lora = LoRALayer(
+            linear.in_features, linear.out_features, rank, alpha, rslora=rslora
+        ).to(device=linear.weight.device, dtype=linear.weight.dtype)
+        norms = _row_norms(linear.weight.detach())
+        if not (norms > 0).all():
+            raise ValueError(
+                f"Row {int((norms == 0).nonzero()[0])} of the weight is all zeros, so its direction "
+                "W / ||W|| is undefined; DoRA needs a weight with no zero rows (use LoRA here)."
+            )
+        self.m = nn.Parameter(norms.clone())
+        # set by merge(): the row norms of W + dW, needed to undo the merge
+        self.register_buffer("merged_norms", None)
+
+    @property
+    def merged(self) -> bool:
+        return self.merged_norms is not None
+
+    def adapted_weight(self) -> torch.Tensor:
+        """W' = m * (W + dW) / ||W + dW|| (row-wise), shape (out, in)."""
+        combined = self.linear.weight + self.lora.delta_weight()
+        return (self.m / _row_norms(combined))[:, None] * combined
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.linear(x)
+        return F.linear(x, self.adapted_weight(), self.linear.bias)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Replace W by W' in place: one plain matmul per call after, same outputs."""
+        if not self.merged:
+            combined = self.linear.weight + self.lora.delta_weight()
+            self.merged_norms = _row_norms(combined)
+            self.linear.weight.copy_((self.m / self.merged_norms)[:, None] * combined)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo merge(): W = W' * ||W + dW|| / m - dW."""
+        if self.merged:
+            combined = self.linear.weight * (self.merged_norms / self.m)[:, None]
+            self.linear.weight.copy_(combined - self.lora.delta_weight())
+            self.merged_norms = None
+
+    def extra_repr(self) -> str:
+        return f"merged={self.merged}"
+
+
+def replace_linear_with_dora(
+    model: nn.Module,
+    rank: int,
+    alpha: float,
+    target_modules: Iterable[str] | None = None,
+    *,
+    rslora: bool = False,
+) -> nn.Module:
+    """Replace nn.Linear layers of `model` in place by LinearWithDoRA; returns `model`.
+
+    target_modules as in replace_linear_with_lora: None for every nn.Linear, else names matched
+    against each layer's qualified name, whole or as a dotted suffix.
+    """
+    wrapped = {id(m.linear) for m in model.modules() if isinstance(m, LinearWithDoRA)}
+    linears = {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and id(module) not in wrapped
+    }
+    if not linears:
+        raise ValueError("The model has no nn.Linear layer to put DoRA on.")
+    chosen = list(linears)
+    if target_modules is not None:
+        targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+
+        def matches(name: str, target: str) -> bool:
+            return name == target or name.endswith("." + target)
+
+        unknown = [t for t in targets if not any(matches(n, t) for n in linears)]
+        if unknown:
+            raise ValueError(
+                f"Unknown target module(s) {unknown}: no nn.Linear in the model is named so; "
+                f"its linear layers are {list(linears)[:6]}."
+            )
+        chosen = [n for n in linears if any(matches(n, t) for t in targets)]
+    for name in chosen:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child_name, LinearWithDoRA(linears[name], rank, alpha, rslora=rslora))
+    return model
+
+
+def dora_layers(model: nn.Module) -> Iterator[tuple[str, LinearWithDoRA]]:
+    """Yield (qualified name, layer) for every LinearWithDoRA in `model`."""
+    for name, module in model.named_modules():
+        if isinstance(module, LinearWithDoRA):
+            yield name, module
+
+
+def mark_only_dora_as_trainable(model: nn.Module) -> nn.Module:
+    """Freeze everything, then unfreeze A, B and m of every DoRA layer; returns `model`."""
+    freeze(model)
+    for _, layer in dora_layers(model):
+        layer.lora.requires_grad_(True)
+        layer.m.requires_grad_(True)
+    return model
+
+
+def dora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the DoRA tensors of `model` ("<layer>.lora.A", "<layer>.lora.B", "<layer>.m"), detached."""
+    state = {}
+    for name, layer in dora_layers(model):
+        state[f"{name}.lora.A"] = layer.lora.A.detach()
+        state[f"{name}.lora.B"] = layer.lora.B.detach()
+        state[f"{name}.m"] = layer.m.detach()
+    return state
+
+
+def merge_dora(model: nn.Module) -> nn.Module:
+    """merge() every DoRA layer of `model`; returns `model`."""
+    for _, layer in dora_layers(model):
+        layer.merge()
+    return model

@@ -1,0 +1,227 @@
+"""The training loop, the three modes, measurements, stops with advice, tables and results files."""
+
+import copy
+import json
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lora_helpers import train
+from lora_helpers.data import Loaders
+from lora_helpers.gpt2 import GPT2Source, GPTModel, to_classifier
+from lora_helpers.lora import count_parameters
+
+TINY = {
+    "vocab_size": 64,
+    "context_length": 16,
+    "emb_dim": 32,
+    "n_heads": 2,
+    "n_layers": 2,
+    "drop_rate": 0.0,
+    "qkv_bias": True,
+}
+SOURCE = GPT2Source("tiny-test", False, "a tiny random GPT for tests")
+CPU = torch.device("cpu")
+
+
+def tiny_classifier(seed: int = 0) -> GPTModel:
+    torch.manual_seed(seed)
+    return to_classifier(GPTModel(TINY), 2)
+
+
+def marker_task(n: int, seed: int) -> TensorDataset:
+    """Label 1 exactly when token 7 occurs in the sequence of 12 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(8, 64, (n, 12), generator=g)
+    labels = torch.arange(n) % 2
+    where = torch.randint(0, 12, (n,), generator=g)
+    ids[labels == 1, where[labels == 1]] = 7
+    return TensorDataset(ids, labels)
+
+
+def tiny_loaders() -> Loaders:
+    g = torch.Generator().manual_seed(0)
+    train_set, val, test = marker_task(128, 1), marker_task(32, 2), marker_task(32, 3)
+    return Loaders(
+        DataLoader(train_set, batch_size=16, shuffle=True, generator=g),
+        DataLoader(val, batch_size=16),
+        DataLoader(test, batch_size=16),
+        12,
+    )
+
+
+def test_pick_device_says_what_it_picked(capsys):
+    assert train.pick_device("cpu") == CPU
+    assert "Device: cpu" in capsys.readouterr().out
+
+
+def test_modes_make_the_right_parameters_trainable():
+    model = tiny_classifier()
+    block = sum(p.numel() for p in model.trf_blocks[-1].parameters())
+    norm_and_head = sum(
+        p.numel() for p in (*model.final_norm.parameters(), *model.out_head.parameters())
+    )
+    total = count_parameters(model).total
+
+    assert count_parameters(train.setup_mode(copy.deepcopy(model), "full")).trainable == total
+    last = train.setup_mode(copy.deepcopy(model), "last-block")
+    assert count_parameters(last).trainable == block + norm_and_head
+    lora = train.setup_mode(copy.deepcopy(model), "lora", rank=2, alpha=2)
+    # per block: Q, K, V, out 32->32 and the feed-forward 32->128->32, each 2 * (in + out); plus the head
+    per_block = 4 * 2 * (32 + 32) + 2 * 2 * (32 + 128)
+    assert count_parameters(lora).trainable == 2 * per_block + 32 * 2 + 2
+    qv = train.setup_mode(
+        copy.deepcopy(model), "lora", rank=2, alpha=2, targets=["W_query", "W_value"]
+    )
+    assert count_parameters(qv).trainable == 2 * 2 * 2 * (32 + 32) + 66
+    with pytest.raises(ValueError, match="Unknown mode 'half'"):
+        train.setup_mode(model, "half")
+
+
+@pytest.mark.parametrize("mode", train.MODES)
+def test_a_short_run_lowers_the_loss(mode):
+    loaders = tiny_loaders()
+    model = train.setup_mode(tiny_classifier(), mode, rank=4, alpha=8)
+    before = train.evaluate(model, loaders.val, CPU)[0]
+    lr = {"lora": 1e-2, "full": 3e-3, "last-block": 3e-3}[mode]
+    history = train.train_classifier(
+        model, loaders.train, loaders.val, device=CPU, epochs=6, lr=lr, eval_every=8, progress=False
+    )
+    after = train.evaluate(model, loaders.val, CPU)[0]
+    assert after < 0.7 * before
+    assert history.steps == [8, 16, 24, 32, 40, 48]
+    assert history.epoch_steps == [8, 16, 24, 32, 40, 48]
+    assert len(history.train_acc) == len(history.val_acc) == 6
+    assert history.steps_done == 48
+    assert history.seconds_per_epoch > 0
+
+
+def test_max_steps_stops_mid_epoch():
+    loaders = tiny_loaders()
+    model = train.setup_mode(tiny_classifier(), "lora", rank=2, alpha=2)
+    history = train.train_classifier(
+        model,
+        loaders.train,
+        loaders.val,
+        device=CPU,
+        epochs=3,
+        max_steps=5,
+        eval_every=2,
+        progress=False,
+    )
+    assert history.steps == [2, 4, 5]
+    assert history.epoch_steps == [5]
+    assert history.steps_done == 5
+
+
+def test_a_nan_loss_stops_with_advice():
+    loaders = tiny_loaders()
+    model = train.setup_mode(tiny_classifier(), "full")
+    with torch.no_grad():
+        model.out_head.weight.fill_(float("nan"))
+    with pytest.raises(
+        train.TrainingStopped, match=r"loss became nan at step 1: lower the learning rate"
+    ):
+        train.train_classifier(model, loaders.train, loaders.val, device=CPU, progress=False)
+
+
+def test_out_of_memory_stops_with_advice(monkeypatch):
+    def out_of_memory(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train, "_train_step", out_of_memory)
+    loaders = tiny_loaders()
+    model = train.setup_mode(tiny_classifier(), "full")
+    with pytest.raises(
+        train.TrainingStopped, match=r"batch size 16: lower the batch size \(try 8\)"
+    ):
+        train.train_classifier(model, loaders.train, loaders.val, device=CPU, progress=False)
+
+
+def test_training_needs_trainable_parameters():
+    model = tiny_classifier().requires_grad_(False)
+    loaders = tiny_loaders()
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        train.train_classifier(model, loaders.train, loaders.val, device=CPU, progress=False)
+
+
+def test_run_mode_measures_and_saves_what_each_mode_needs(tmp_path):
+    base, loaders = tiny_classifier(), tiny_loaders()
+    recipe = train.Recipe(epochs=1, rank=2, alpha=2, eval_every=4, eval_batches=1)
+    results = [
+        train.run_mode(
+            base, mode, loaders, recipe, device=CPU, checkpoint_dir=tmp_path, source=SOURCE
+        )
+        for mode in train.MODES
+    ]
+    lora, full, last = results
+    assert lora.peak_memory is None  # CPU: not measured, not invented
+    assert (tmp_path / "lora" / "adapter.safetensors").is_file()
+    assert full.checkpoint_bytes == (tmp_path / "full.safetensors").stat().st_size
+    assert lora.checkpoint_bytes < last.checkpoint_bytes < full.checkpoint_bytes
+    assert full.trainable == full.total == count_parameters(base).total
+    assert set(lora.accuracy) == {"train", "val", "test"}
+    assert all(p.device == CPU for r in results for p in r.model.parameters())
+    assert not any(".lora." in name for name, _ in base.named_parameters())  # the base is untouched
+
+    rows = [r.row() for r in results]
+    table = train.results_table(rows)
+    assert table.splitlines()[0].split(" | ")[0].strip() == "mode"
+    assert f"{lora.trainable:,}" in table
+    assert "n/a (CPU)" in train.results_table(rows, measured=True)
+    json.dumps(rows)  # JSON-ready
+
+
+def test_choose_recipe_is_quick_without_cuda_and_says_so(capsys):
+    recipe = train.choose_recipe(CPU)
+    out = capsys.readouterr().out
+    assert recipe.quick
+    assert out.startswith("QUICK MODE (no CUDA GPU, running on cpu)")
+    assert "The full recipe (on a CUDA GPU) is: 5 epoch(s), batch 8, all rows" in out
+    assert train.choose_recipe(CPU, full=True) == train.FULL_RECIPE
+
+
+def test_save_results_writes_json_and_png(tmp_path):
+    base, loaders = tiny_classifier(), tiny_loaders()
+    recipe = train.Recipe(epochs=1, rank=2, alpha=2, eval_every=4, eval_batches=1)
+    result = train.run_mode(
+        base, "lora", loaders, recipe, device=CPU, checkpoint_dir=tmp_path, source=SOURCE
+    )
+    figure = train.plot_history(result.history, "lora")
+    json_path, png_path = train.save_results(
+        [result], tmp_path / "results", "05_finetune_cpu", {"device": "cpu"}, figure
+    )
+    saved = json.loads(json_path.read_text())
+    assert saved["device"] == "cpu"
+    assert saved["runs"][0]["trainable_params"] == result.trainable
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == [
+        "05_finetune_cpu.json",
+        "05_finetune_cpu.png",
+    ]
+
+
+def test_classify_texts_pads_like_training_and_names_labels():
+    from lora_helpers.gpt2 import get_tokenizer
+
+    torch.manual_seed(0)
+    model = to_classifier(GPTModel({**TINY, "vocab_size": 50257}), 2)
+    texts = ["Call now to claim your prize!", "See you at lunch"]
+    predictions = train.classify_texts(model, texts, get_tokenizer(), max_length=12)
+    assert [label for label, _ in predictions] == [
+        ("ham", "spam")[int(i)] for i in _argmax_at_position(model, texts, 12)
+    ]
+    assert all(0.5 <= p <= 1 for _, p in predictions)
+
+
+def _argmax_at_position(model, texts, length):
+    from lora_helpers.data import encode
+    from lora_helpers.gpt2 import get_tokenizer
+
+    with torch.no_grad():
+        return model(encode(texts, get_tokenizer(), length))[:, -1].argmax(-1)
+
+
+def test_device_slug_is_file_name_safe():
+    assert train.device_slug(CPU) == "cpu"
