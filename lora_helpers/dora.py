@@ -139,16 +139,6 @@ def mark_only_dora_as_trainable(model: nn.Module) -> nn.Module:
     return model
 
 
-def dora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the DoRA tensors of `model` ("<layer>.lora.A", "<layer>.lora.B", "<layer>.m"), detached."""
-    state = {}
-    for name, layer in dora_layers(model):
-        state[f"{name}.lora.A"] = layer.lora.A.detach()
-        state[f"{name}.lora.B"] = layer.lora.B.detach()
-        state[f"{name}.m"] = layer.m.detach()
-    return state
-
-
 def merge_dora(model: nn.Module) -> nn.Module:
     """merge() every DoRA layer of `model`; returns `model`."""
     for _, layer in dora_layers(model):

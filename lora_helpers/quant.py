@@ -212,9 +212,12 @@ class QuantizedLinearWithLoRA(nn.Module):
 
 def quantize_linears(module: nn.Module, block_size: int = 64, scheme: str = "nf4") -> nn.Module:
     """Replace every nn.Linear inside `module` (in place) by a frozen QuantizedLinear; returns it."""
-    linears = [(name, m) for name, m in module.named_modules() if isinstance(m, nn.Linear)]
+    linears = [(n, m) for n, m in module.named_modules() if n and isinstance(m, nn.Linear)]
     if not linears:
-        raise ValueError(f"{type(module).__name__} holds no nn.Linear layer to quantise.")
+        raise ValueError(
+            f"{type(module).__name__} holds no nn.Linear layer to quantise; for a single layer "
+            "use QuantizedLinear(linear)."
+        )
     for name, linear in linears:
         parent_name, _, child = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
@@ -226,7 +229,7 @@ def add_lora_to_quantized(
     module: nn.Module, rank: int, alpha: float, *, dropout: float = 0.0, rslora: bool = False
 ) -> nn.Module:
     """Wrap every QuantizedLinear inside `module` (in place) in a QuantizedLinearWithLoRA; returns it."""
-    found = [(n, m) for n, m in module.named_modules() if isinstance(m, QuantizedLinear)]
+    found = [(n, m) for n, m in module.named_modules() if n and isinstance(m, QuantizedLinear)]
     wrapped = {id(m.base) for m in module.modules() if isinstance(m, QuantizedLinearWithLoRA)}
     found = [(n, m) for n, m in found if id(m) not in wrapped]
     if not found:
@@ -237,7 +240,11 @@ def add_lora_to_quantized(
     for name, base in found:
         parent_name, _, child = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, child, QuantizedLinearWithLoRA(base, rank, alpha, dropout=dropout, rslora=rslora))
+        setattr(
+            parent,
+            child,
+            QuantizedLinearWithLoRA(base, rank, alpha, dropout=dropout, rslora=rslora),
+        )
     return module
 
 

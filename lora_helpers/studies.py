@@ -276,7 +276,7 @@ def lora_run(
         model, rank, alpha, module_names(targets), rslora=rule == "alpha/sqrt(r)"
     )
     mark_only_lora_as_trainable(model)
-    label = f"rank {rank}, alpha {alpha:g}, {rule}"
+    label = f"LoRA, rank {rank}, alpha {alpha:g}, {rule}"
     return train_run(
         model,
         train_data,
@@ -399,7 +399,7 @@ def plot_sweeps(sweeps: Sequence[Sweep]) -> plt.Figure:
         grids = [getattr(s, which) for s in sweeps]
         vmin, vmax = min(g.min().item() for g in grids), max(g.max().item() for g in grids)
         for ax, sweep, grid in zip(axes[row], sweeps, grids, strict=True):
-            image = ax.imshow(grid, cmap="viridis_r", vmin=vmin, vmax=vmax, aspect="auto")
+            image = ax.imshow(grid.numpy(), cmap="viridis_r", vmin=vmin, vmax=vmax, aspect="auto")
             for i in range(grid.shape[0]):
                 for j in range(grid.shape[1]):
                     dark = grid[i, j] > (vmin + vmax) / 2
@@ -619,14 +619,14 @@ def with_deltas(base: nn.Module, deltas: dict[str, torch.Tensor]) -> nn.Module:
     return model
 
 
-def truncated_losses(
+def evaluate_truncated(
     base: nn.Module, deltas: dict[str, torch.Tensor], heldout: Data, ranks: Sequence[int]
-) -> list[float]:
-    """Held-out loss of base + (every dW cut to its best rank-r approximation), for each r."""
+) -> list[tuple[float, float]]:
+    """(held-out loss, accuracy) of base + every dW cut to its best rank-r approximation, per r."""
     return [
         loss_and_accuracy(
             with_deltas(base, {k: best_rank_approx(d, r) for k, d in deltas.items()}), heldout
-        )[0]
+        )
         for r in ranks
     ]
 

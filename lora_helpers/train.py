@@ -107,14 +107,15 @@ def setup_mode(
 
 @dataclass
 class History:
-    """What one training run saw: losses at each evaluation, accuracies after each epoch."""
+    """What one training run saw: loss and accuracy on a few train and val batches at each
+    evaluation, and where the epochs ended."""
 
     steps: list[int] = field(default_factory=list)  # optimizer step of each evaluation
     train_loss: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
-    epoch_steps: list[int] = field(default_factory=list)  # step at the end of each epoch
     train_acc: list[float] = field(default_factory=list)
     val_acc: list[float] = field(default_factory=list)
+    epoch_steps: list[int] = field(default_factory=list)  # step at the end of each epoch
     steps_done: int = 0
     steps_per_epoch: int = 0
     train_seconds: float = 0.0  # optimizer steps only, evaluations excluded
@@ -179,8 +180,8 @@ def train_classifier(
 ) -> History:
     """Train `model` (on `device`) with AdamW on the last-token cross-entropy; returns its History.
 
-    Batches are (ids (batch, tokens), labels (batch,)). Every `eval_every` steps the loss on
-    `eval_batches` train and val batches is recorded; after each epoch, the accuracy on them.
+    Batches are (ids (batch, tokens), labels (batch,)). Every `eval_every` steps (and at the
+    end) the loss and accuracy on `eval_batches` train and val batches are recorded.
     A NaN loss or running out of memory stops with a TrainingStopped that says what to change.
     """
     params = [p for p in model.parameters() if p.requires_grad]
@@ -191,6 +192,8 @@ def train_classifier(
     if epochs < 1 or len(train_loader) == 0:
         raise ValueError("Need epochs >= 1 and a non-empty training loader.")
     seed_everything(seed)
+    if train_loader.generator is not None:  # the same batches in the same order on every run
+        train_loader.generator.manual_seed(seed)
     model.to(device).train()
     optimizer = torch.optim.AdamW(
         params, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda"
@@ -224,15 +227,14 @@ def train_classifier(
                     history.train_seconds += time.perf_counter() - started
                     history.steps.append(step)
                     for name, loader in (("train", train_loader), ("val", val_loader)):
-                        value = evaluate(model, loader, device, eval_batches)[0]
-                        getattr(history, f"{name}_loss").append(value)
+                        loss_value, accuracy = evaluate(model, loader, device, eval_batches)
+                        getattr(history, f"{name}_loss").append(loss_value)
+                        getattr(history, f"{name}_acc").append(accuracy)
                     started = time.perf_counter()
             _sync(device)
             history.train_seconds += time.perf_counter() - started
             history.steps_done = step
             history.epoch_steps.append(step)
-            history.train_acc.append(evaluate(model, train_loader, device, eval_batches)[1])
-            history.val_acc.append(evaluate(model, val_loader, device, eval_batches)[1])
             if step == total:
                 break
     except TrainingStopped:
@@ -282,6 +284,7 @@ class Recipe:
     weight_decay: float = 0.1
     rank: int = 16
     alpha: float = 16
+    targets: tuple[str, ...] | None = None  # LoRA targets; None: every linear of the blocks
     max_length: int | None = None  # None: the longest training message
     sizes: tuple[int, int, int] | None = None  # (train, val, test) rows; None: all
     eval_every: int = 50
@@ -300,9 +303,10 @@ class Recipe:
             else f"at most {self.max_length} tokens"
         )
         lrs = ", ".join(f"{m} {lr:g}" for m, lr in self.lr.items())
+        where = "" if self.targets is None else f" on {', '.join(self.targets)}"
         return (
             f"{self.epochs} epoch(s), batch {self.batch_size}, {rows}, padded to {tokens}; "
-            f"LoRA r={self.rank}, alpha={self.alpha:g}; AdamW lr ({lrs}), weight decay {self.weight_decay:g}"
+            f"LoRA r={self.rank}, alpha={self.alpha:g}{where}; AdamW lr ({lrs}), weight decay {self.weight_decay:g}"
         )
 
 
@@ -310,7 +314,7 @@ FULL_RECIPE = Recipe()
 #: Small enough for a CPU: one epoch on a third of the training rows, messages cut at 64
 #: tokens; validation and test are the full recipe's 149 and 300 rows.
 QUICK_RECIPE = Recipe(
-    epochs=1, sizes=(480, 149, 300), max_length=64, eval_every=10, eval_batches=5, quick=True
+    epochs=1, sizes=(480, 149, 300), max_length=64, eval_every=10, eval_batches=10, quick=True
 )
 
 
@@ -388,7 +392,9 @@ def run_mode(
 ) -> RunResult:
     """Copy `base`, set up `mode`, train it with `recipe`, then measure it; the model ends on CPU."""
     seed_everything(seed)
-    model = setup_mode(copy.deepcopy(base), mode, rank=recipe.rank, alpha=recipe.alpha)
+    model = setup_mode(
+        copy.deepcopy(base), mode, rank=recipe.rank, alpha=recipe.alpha, targets=recipe.targets
+    )
     counts = count_parameters(model)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -482,19 +488,19 @@ def classify_texts(
 
 
 def plot_history(history: History, title: str = "") -> Figure:
-    """Loss at each evaluation (left) and accuracy after each epoch (right), train and val."""
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax_loss.plot(history.steps, history.train_loss, label="train")
-    ax_loss.plot(history.steps, history.val_loss, "--", label="validation")
-    ax_loss.set(xlabel="optimizer step", ylabel="cross-entropy loss", title="loss")
-    ax_acc.plot(history.epoch_steps, history.train_acc, "o-", label="train")
-    ax_acc.plot(history.epoch_steps, history.val_acc, "o--", label="validation")
-    ax_acc.set(
-        xlabel="optimizer step (end of epoch)", ylabel="accuracy", ylim=(0, 1.02), title="accuracy"
-    )
-    for ax in (ax_loss, ax_acc):
+    """Loss (left) and accuracy (right) on train and validation batches against optimizer step;
+    dotted lines mark the ends of epochs."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, what in zip(axes, ("loss", "acc"), strict=True):
+        ax.plot(history.steps, getattr(history, f"train_{what}"), "o-", label="train")
+        ax.plot(history.steps, getattr(history, f"val_{what}"), "o--", label="validation")
+        for end in history.epoch_steps[:-1]:
+            ax.axvline(end, color="grey", linestyle=":", linewidth=1)
+        ax.set_xlabel("optimizer step")
         ax.legend()
         ax.grid(alpha=0.3)
+    axes[0].set(ylabel="cross-entropy loss", title="loss")
+    axes[1].set(ylabel="accuracy", ylim=(0, 1.02), title="accuracy")
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -239,13 +239,16 @@ STATE_JS = """
 }
 """
 
-# The state that a slider move must change: every Output widget in the cell.
+# What a slider move must change: the content of every Output widget in the cell (its
+# text, images and SVG; not its markup, whose style attributes change on every redraw).
 OUTPUT_SNAPSHOT_JS = """
 (index) => {
   const cell = document.querySelector(`[data-lora-cell="${index}"]`);
   const outs = Array.from(cell.querySelectorAll('.widget-output'));
-  return {n: outs.length, html: outs.map(o => o.innerHTML).join('\\n'),
-          text: outs.map(o => o.innerText).join('\\n'),
+  const text = outs.map(o => o.innerText).join('\\n');
+  const pictures = outs.flatMap(o => Array.from(o.querySelectorAll('img, svg'))
+    .map(e => e.tagName === 'IMG' ? e.src : e.outerHTML));
+  return {n: outs.length, content: [text, ...pictures].join('\\n'), text,
           status: window.__loraPanel.sessionContext.session.kernel.status};
 }
 """
@@ -412,7 +415,7 @@ def _check_cell_sliders(page, index: int, problems: list[str]) -> int:
             problems.append(f"cell {index}: slider {k} did not move with the arrow keys")
             continue
         after = _settled_output(page, index, 60)
-        if after["html"] == before["html"]:
+        if after["content"] == before["content"]:
             problems.append(f"cell {index}: moving slider {k} did not change the output below it")
         elif TRACEBACK in after["text"]:
             problems.append(f"cell {index}: moving slider {k} raised: {after['text'][-300:]!r}")

@@ -97,6 +97,24 @@ def test_a_short_run_lowers_the_loss(mode):
     assert history.seconds_per_epoch > 0
 
 
+def test_every_run_on_a_loader_sees_the_same_batches():
+    loaders, base = tiny_loaders(), train.setup_mode(tiny_classifier(), "lora", rank=2, alpha=2)
+    next(iter(loaders.train))  # peeking at a batch must not change what training sees
+    histories = [
+        train.train_classifier(
+            copy.deepcopy(base),
+            loaders.train,
+            loaders.val,
+            device=CPU,
+            epochs=1,
+            eval_every=2,
+            progress=False,
+        )
+        for _ in range(2)
+    ]
+    assert histories[0].train_loss == histories[1].train_loss
+
+
 def test_max_steps_stops_mid_epoch():
     loaders = tiny_loaders()
     model = train.setup_mode(tiny_classifier(), "lora", rank=2, alpha=2)
