@@ -5,7 +5,7 @@ the model predicts the token `shift` places back, with some pairs of tokens rena
 A model "pretrained" on copy-the-previous-token (shift 1, nothing renamed) is then adapted to a
 variant: renaming k pairs changes the token-to-output map by a matrix of rank k, and a larger
 shift changes where attention looks. Every linear layer of the model is 32 x 32, so LoRA of
-rank r costs 64 r parameters on any of them. One training run takes well under a second on a CPU.
+rank r costs 64 r parameters on any of them. One training run takes about a second on a CPU.
 """
 
 from __future__ import annotations
