@@ -1,10 +1,13 @@
-"""Adapters: LoRA weights saved on their own, loaded into a fresh base, merged, swapped, combined.
+"""Adapters: LoRA weights saved on their own, loaded into a fresh base, swapped, combined.
 
-An adapter file is a safetensors file holding only the LoRA tensors ("<layer>.lora.A",
-"<layer>.lora.B") plus the base weights of the new classifier head ("out_head.*", which
-no pretrained checkpoint has), next to a JSON file with the settings needed to rebuild
-the model: base model name, a fingerprint of its config, rank, alpha, rslora, targets
-and the number of classes.
+An adapter is a folder of two files: adapter.safetensors holds only the LoRA tensors
+("<layer>.lora.A", "<layer>.lora.B") and the new classifier head ("out_head.*", which no
+pretrained checkpoint has); adapter_config.json holds what is needed to rebuild the model
+around them: base model name, a fingerprint of its architecture, rank, alpha, rslora,
+the wrapped layers and the number of classes.
+
+combine_lora_states adds several adapters' updates, weighted, into one LoRA state.
+For inference, merge with lora_helpers.lora.merge_lora; forward_latency times the result.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .gpt2 import to_classifier
+from .gpt2 import GPT2Source, to_classifier
 from .lora import (
     LinearWithLoRA,
     load_lora_state_dict,
@@ -118,6 +121,7 @@ def base_fingerprint(model: nn.Module) -> str:
         for prefix in wrapped:
             if key.startswith(prefix):
                 key = prefix.removesuffix("linear.") + key.removeprefix(prefix)
+                break
         digest.update(f"{key}:{tuple(tensor.shape)};".encode())
     return digest.hexdigest()[:16]
 
@@ -128,7 +132,7 @@ def _write_atomically(path: Path, write) -> None:
     os.replace(part, path)
 
 
-def save_adapter(model: nn.Module, directory: str | Path, source) -> Path:
+def save_adapter(model: nn.Module, directory: str | Path, source: GPT2Source) -> Path:
     """Write the adapter of `model` (LoRA tensors + head) to `directory`; returns the folder.
 
     source: the base model's source as returned by load_gpt2_or_fallback (name, pretrained).
@@ -192,7 +196,9 @@ def _describe(name: str, pretrained: bool) -> str:
     return f"{name} ({'pretrained' if pretrained else 'random fallback weights'})"
 
 
-def load_adapter(model: nn.Module, directory: str | Path, source=None) -> nn.Module:
+def load_adapter(
+    model: nn.Module, directory: str | Path, source: GPT2Source | None = None
+) -> nn.Module:
     """Load a saved adapter into `model`, in place; returns `model`.
 
     `model` is a fresh base (LoRA and the classifier head are added as the adapter says)

@@ -30,7 +30,13 @@ SMS_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip
 SMS_COUNTS = {"ham": 4827, "spam": 747}
 SMS_MEMBER = "SMSSpamCollection"
 MAX_MEMBER_BYTES = 5_000_000  # the real file is 0.48 MB
-TINY_PATH = Path(__file__).resolve().parents[1] / "data" / "tiny" / "sms_tiny.tsv"
+TINY_RELPATH = "tiny/sms_tiny.tsv"
+TINY_PATH = Path(__file__).resolve().parents[1] / "data" / TINY_RELPATH  # in a checkout
+TINY_URL = (
+    "https://raw.githubusercontent.com/lora-from-scratch/lora-from-scratch/main/data/"
+    + TINY_RELPATH
+)
+TINY_SHA256 = "f9c7cf05da40a4b3d22626ec40a6615f2fbc8817614e0579bf93e04677b4c752"
 PAD_ID = 50256  # <|endoftext|> in GPT-2's tokenizer
 
 Row = tuple[str, int]  # (message text, label id)
@@ -159,14 +165,17 @@ def load_sms_spam(path: Path | None = None) -> list[Row]:
     return rows
 
 
-def load_tiny_sms(path: Path = TINY_PATH) -> list[Row]:
-    """The 100 invented messages (50 ham, 50 spam) in data/tiny/, for quick offline runs."""
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"The tiny dataset {path.name} is not at {path}; it ships with the repository "
-            "(data/tiny/), so run from a clone of it."
-        )
-    return parse_sms(path.read_text(encoding="utf-8"))
+def load_tiny_sms(path: Path | None = None) -> list[Row]:
+    """The 100 invented messages (50 ham, 50 spam) of data/tiny/, for quick offline runs.
+
+    Read from the repository checkout; where the package is installed without it (Colab),
+    fetched once from the repository on GitHub (sha256-checked).
+    """
+    if path is None:
+        path = TINY_PATH
+        if not path.is_file():
+            path = fetch(TINY_RELPATH, TINY_URL, sha256=TINY_SHA256, desc="tiny SMS dataset")
+    return parse_sms(Path(path).read_text(encoding="utf-8"))
 
 
 def balance(rows: list[Row], seed: int = 123) -> list[Row]:
@@ -204,6 +213,8 @@ def encode(texts: list[str], tokenizer: Encoding, max_length: int | None = None)
 
     max_length=None pads to the longest text.
     """
+    if not texts:
+        raise ValueError("encode needs at least one text; the split is empty.")
     ids = [tokenizer.encode_ordinary(t) for t in texts]
     length = max(len(i) for i in ids) if max_length is None else max_length
     if length < 1:
@@ -249,6 +260,10 @@ def make_loaders(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    if not all(splits):
+        raise ValueError(
+            f"A split is empty (sizes {[len(part) for part in splits]}); give each split rows."
+        )
     longest = max(len(tokenizer.encode_ordinary(text)) for text, _ in splits.train)
     max_length = longest if max_length is None else min(max_length, longest)
     train, val, test = (SpamDataset(part, tokenizer, max_length) for part in splits)

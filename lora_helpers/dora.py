@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import LoRALayer, freeze
+from .lora import LoRALayer, freeze, wrap_linear_layers
 
 
 def _row_norms(weight: torch.Tensor) -> torch.Tensor:
@@ -94,33 +94,9 @@ def replace_linear_with_dora(
     target_modules as in replace_linear_with_lora: None for every nn.Linear, else names matched
     against each layer's qualified name, whole or as a dotted suffix.
     """
-    wrapped = {id(m.linear) for m in model.modules() if isinstance(m, LinearWithDoRA)}
-    linears = {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and id(module) not in wrapped
-    }
-    if not linears:
-        raise ValueError("The model has no nn.Linear layer to put DoRA on.")
-    chosen = list(linears)
-    if target_modules is not None:
-        targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-
-        def matches(name: str, target: str) -> bool:
-            return name == target or name.endswith("." + target)
-
-        unknown = [t for t in targets if not any(matches(n, t) for n in linears)]
-        if unknown:
-            raise ValueError(
-                f"Unknown target module(s) {unknown}: no nn.Linear in the model is named so; "
-                f"its linear layers are {list(linears)[:6]}."
-            )
-        chosen = [n for n in linears if any(matches(n, t) for t in targets)]
-    for name in chosen:
-        parent_name, _, child_name = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child_name, LinearWithDoRA(linears[name], rank, alpha, rslora=rslora))
-    return model
+    return wrap_linear_layers(
+        model, LinearWithDoRA, target_modules, rank=rank, alpha=alpha, rslora=rslora
+    )
 
 
 def dora_layers(model: nn.Module) -> Iterator[tuple[str, LinearWithDoRA]]:

@@ -139,21 +139,19 @@ def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
-def replace_linear_with_lora(
+def wrap_linear_layers(
     model: nn.Module,
-    rank: int,
-    alpha: float,
+    wrapper: type[nn.Module],
     target_modules: Iterable[str] | None = None,
-    *,
-    dropout: float = 0.0,
-    rslora: bool = False,
+    **wrapper_kwargs,
 ) -> nn.Module:
-    """Replace nn.Linear layers of `model` in place by LinearWithLoRA; returns `model`.
+    """Replace nn.Linear layers of `model` in place by wrapper(linear, **wrapper_kwargs); returns `model`.
 
     target_modules: None for every nn.Linear, else names matched against each layer's
     qualified name, whole or as a dotted suffix ("W_query" matches "trf_blocks.0.att.W_query").
+    Linears already wrapped by `wrapper` (its `.linear`) are left alone.
     """
-    wrapped = {id(m.linear) for m in model.modules() if isinstance(m, LinearWithLoRA)}
+    wrapped = {id(m.linear) for m in model.modules() if isinstance(m, wrapper)}
     linears = {
         name: module
         for name, module in model.named_modules()
@@ -161,15 +159,15 @@ def replace_linear_with_lora(
     }
     if not linears:
         conv1d = [name for name, m in model.named_modules() if type(m).__name__ == "Conv1D"]
-        hint = (
-            f" It has {len(conv1d)} transformers Conv1D layers (e.g. {conv1d[0]!r}): "
-            "Hugging Face GPT-2 does not use nn.Linear."
-            if conv1d
-            else ""
-        )
+        hint = ""
         if wrapped:
-            hint = " Every nn.Linear already has LoRA; replace_linear_with_lora was called twice."
-        raise ValueError(f"The model has no nn.Linear layer to put LoRA on.{hint}")
+            hint = f" Every nn.Linear is already a {wrapper.__name__}; it was applied twice."
+        elif conv1d:
+            hint = (
+                f" It has {len(conv1d)} transformers Conv1D layers (e.g. {conv1d[0]!r}): "
+                "Hugging Face GPT-2 does not use nn.Linear."
+            )
+        raise ValueError(f"The model has no nn.Linear layer to wrap in {wrapper.__name__}.{hint}")
     if target_modules is None:
         chosen = list(linears)
     else:
@@ -186,9 +184,33 @@ def replace_linear_with_lora(
     for name in chosen:
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        lora = LinearWithLoRA(linears[name], rank, alpha, dropout=dropout, rslora=rslora)
-        setattr(parent, child_name, lora)
+        setattr(parent, child_name, wrapper(linears[name], **wrapper_kwargs))
     return model
+
+
+def replace_linear_with_lora(
+    model: nn.Module,
+    rank: int,
+    alpha: float,
+    target_modules: Iterable[str] | None = None,
+    *,
+    dropout: float = 0.0,
+    rslora: bool = False,
+) -> nn.Module:
+    """Replace nn.Linear layers of `model` in place by LinearWithLoRA; returns `model`.
+
+    target_modules: None for every nn.Linear, else names matched against each layer's
+    qualified name, whole or as a dotted suffix ("W_query" matches "trf_blocks.0.att.W_query").
+    """
+    return wrap_linear_layers(
+        model,
+        LinearWithLoRA,
+        target_modules,
+        rank=rank,
+        alpha=alpha,
+        dropout=dropout,
+        rslora=rslora,
+    )
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LinearWithLoRA]]:

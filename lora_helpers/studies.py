@@ -462,8 +462,8 @@ def plot_fit_by_rank(fit: RankFit) -> plt.Figure:
     """Training and held-out loss against rank: mean over seeds, with each seed as a dot."""
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for name, grid, color in (
-        ("training (noisy labels)", fit.train_loss, "C0"),
-        ("held-out (clean labels)", fit.heldout_loss, "C3"),
+        ("training loss", fit.train_loss, "C0"),
+        ("held-out loss", fit.heldout_loss, "C3"),
     ):
         ax.plot(fit.ranks, grid.mean(0), "o-", color=color, label=name)
         for row in grid:

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from .adapters import save_adapter
 from .assets import data_dir
 from .data import LABELS, Loaders, encode
-from .gpt2 import classify_logits
+from .gpt2 import GPT2Source, classify_logits
 from .lora import count_parameters, mark_only_lora_as_trainable, replace_linear_with_lora
 
 if TYPE_CHECKING:
@@ -360,7 +360,7 @@ class RunResult:
         }
 
 
-def save_checkpoint(model: nn.Module, mode: str, directory: Path, source) -> Path:
+def save_checkpoint(model: nn.Module, mode: str, directory: Path, source: GPT2Source) -> Path:
     """What each mode must keep: LoRA the adapter only, full the whole model, last-block its part."""
     directory.mkdir(parents=True, exist_ok=True)
     if mode == "lora":
@@ -387,7 +387,7 @@ def run_mode(
     *,
     device: torch.device,
     checkpoint_dir: Path,
-    source,
+    source: GPT2Source,
     seed: int = 123,
 ) -> RunResult:
     """Copy `base`, set up `mode`, train it with `recipe`, then measure it; the model ends on CPU."""

@@ -1,5 +1,6 @@
 """SMS spam data: parsing, count checks, safe zip extraction, balance, split, padding, loaders."""
 
+import hashlib
 import zipfile
 from collections import Counter
 
@@ -120,6 +121,22 @@ def test_tiny_dataset_is_balanced_and_splits_70_10_20():
     splits = data.split(data.balance(rows))
     assert [len(s) for s in splits] == [70, 10, 20]
     assert sorted(r for s in splits for r in s) == sorted(rows)  # disjoint, nothing lost
+
+
+def test_the_tiny_dataset_hash_matches_the_committed_file():
+    # load_tiny_sms downloads the file with this hash where the checkout is absent (Colab):
+    # update TINY_SHA256 whenever data/tiny/sms_tiny.tsv changes.
+    assert hashlib.sha256(data.TINY_PATH.read_bytes()).hexdigest() == data.TINY_SHA256
+
+
+def test_without_the_checkout_the_tiny_dataset_is_fetched(cache, monkeypatch):
+    committed = data.TINY_PATH.read_bytes()
+    monkeypatch.setattr(data, "TINY_PATH", cache / "absent.tsv")
+    with pytest.raises(AssetError, match="LORA_OFFLINE=1"):
+        data.load_tiny_sms()
+    (cache / "tiny").mkdir(parents=True)
+    (cache / data.TINY_RELPATH).write_bytes(committed)
+    assert len(data.load_tiny_sms()) == 100  # a verified copy in the cache is used
 
 
 def test_balance_undersamples_to_the_rarest_label_reproducibly():

@@ -294,7 +294,7 @@ def test_replace_twice_does_not_wrap_a_wrapped_layer():
     replace_linear_with_lora(model, rank=2, alpha=4)  # now the rest
     assert len(list(lora_layers(model))) == 5
     assert not any(isinstance(m.linear, LinearWithLoRA) for _, m in lora_layers(model))
-    with pytest.raises(ValueError, match=r"no nn\.Linear layer.*already has LoRA"):
+    with pytest.raises(ValueError, match=r"no nn\.Linear layer.*already a LinearWithLoRA"):
         replace_linear_with_lora(model, rank=2, alpha=4)
 
 

@@ -158,8 +158,13 @@ def test_sweep_shapes_and_shared_runs(base, data):
         assert torch.isfinite(sweep.train_loss).all()
     by_r, by_sqrt = sweeps
     assert torch.equal(by_r.train_loss[0], by_sqrt.train_loss[0])  # rank 1: the same runs
-    # rank 4: alpha 4 under alpha/sqrt(r) and alpha 8 under alpha/r both scale by 2
+    # rank 4: alpha 4 under alpha/sqrt(r) and alpha 8 under alpha/r both scale by 2, so the
+    # sweep trains that run once; a separate run under alpha/sqrt(r) gives the same numbers
     assert by_sqrt.heldout_loss[1, 1] == by_r.heldout_loss[1, 2]
+    run = studies.lora_run(
+        base, *data, rank=4, alpha=4, rule="alpha/sqrt(r)", steps=4, eval_every=4
+    )
+    assert run.heldout_loss == pytest.approx(by_sqrt.heldout_loss[1, 1].item(), rel=1e-6)
     fig = studies.plot_sweeps(sweeps)
     assert len([ax for ax in fig.axes if ax.images]) == 4
 
