@@ -2,6 +2,18 @@
 
 lora       LoRALayer, LinearWithLoRA, replace_linear_with_lora, counting, LoRA state dicts
 attention  causal multi-head attention with separate Q/K/V/O projections
+explore    pure functions behind the sliders of notebooks 01-02
+plots      the figures of notebooks 01-03
+toy_tasks  the small tasks notebooks 02-03 train in seconds
+assets     the one place that downloads and caches files (checksums, atomic writes)
+gpt2       GPT-2 from scratch, its weights, tokenizer, generation, classifier head
+data       the SMS Spam Collection and the tiny offline dataset, as DataLoaders
+train      device choice, the fine-tuning loop and its measurements
+adapters   save, load, merge, swap and combine LoRA adapters
+studies    the tiny transformer behind notebooks 06-07: rank, alpha, targets, intrinsic rank
+dora       DoRA from scratch
+quant      4-bit (int4 / NF4) blockwise quantisation and LoRA on a quantised base
+kit        the offline classroom kit: download every asset into one folder
 """
 
 __version__ = "0.1.0"
