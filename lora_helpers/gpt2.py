@@ -203,30 +203,30 @@ def parameter_breakdown(model: GPTModel) -> dict[str, int]:
 # ---------------------------------------------------------------------------- weights
 
 
-class _WeightFile(NamedTuple):
+class WeightFile(NamedTuple):
     repo: str
     sha256: str
     size: int | None  # bytes, where the published size is known
 
 
 #: Hugging Face's model.safetensors of each size; sha256 (and sizes) as Hugging Face lists them.
-_WEIGHTS = {
-    "gpt2-small": _WeightFile(
+WEIGHT_FILES = {
+    "gpt2-small": WeightFile(
         "openai-community/gpt2",
         "248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707",
         548_105_171,
     ),
-    "gpt2-medium": _WeightFile(
+    "gpt2-medium": WeightFile(
         "openai-community/gpt2-medium",
         "fc5a354a19255ad494f3d71549390baca1ccf61d1d822b9408971705c687c9cd",
         1_519_984_962,
     ),
-    "gpt2-large": _WeightFile(
+    "gpt2-large": WeightFile(
         "openai-community/gpt2-large",
         "5f47f3e12f91cd33b662ce7e433b6150ad5512b5884a2cee961b50e9c3bbebce",
         None,
     ),
-    "gpt2-xl": _WeightFile(
+    "gpt2-xl": WeightFile(
         "openai-community/gpt2-xl",
         "0f8b28eb05a8075f48b61b6f35332978c74fc7763fa9fb4051a1c30511736a6a",
         None,
@@ -237,7 +237,7 @@ _WEIGHTS = {
 def weights_url(name: str) -> str:
     """Where Hugging Face serves the model.safetensors of GPT-2 size `name`."""
     gpt2_config(name)  # validates the name
-    return f"https://huggingface.co/{_WEIGHTS[name].repo}/resolve/main/model.safetensors"
+    return f"https://huggingface.co/{WEIGHT_FILES[name].repo}/resolve/main/model.safetensors"
 
 
 def weights_relpath(name: str) -> str:
@@ -249,7 +249,7 @@ def weights_relpath(name: str) -> str:
 def download_gpt2_weights(name: str) -> Path:
     """Path to a verified (sha256) model.safetensors of GPT-2 size `name`, downloading it if needed."""
     url = weights_url(name)  # validates the name
-    weights = _WEIGHTS[name]
+    weights = WEIGHT_FILES[name]
     return assets.fetch(
         weights_relpath(name),
         url,
@@ -408,7 +408,7 @@ def _show(path: Path) -> str:
 
 
 def _banner(name: str, reason: str, n_params: int) -> str:
-    cfg, weights = FALLBACK_CONFIG, _WEIGHTS[name]
+    cfg, weights = FALLBACK_CONFIG, WEIGHT_FILES[name]
     size = f"{weights.size / 1e6:,.0f} MB " if weights.size else ""
     unset = "unset LORA_PRETRAINED and " if os.environ.get("LORA_PRETRAINED") == "0" else ""
     lines = [
@@ -467,7 +467,7 @@ def load_gpt2_or_fallback(
 # -------------------------------------------------------------------------- tokenizer
 
 #: GPT-2's BPE files: relative path -> (canonical URL, sha256), as tiktoken verifies them.
-_TOKENIZER_FILES = {
+TOKENIZER_FILES = {
     "gpt2-tokenizer/encoder.json": (
         "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
         "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
@@ -488,7 +488,7 @@ def get_tokenizer() -> tiktoken.Encoding:
     needs the network itself.
     """
     cache = Path(os.environ.get("TIKTOKEN_CACHE_DIR") or assets.data_dir() / "tiktoken-cache")
-    for relpath, (url, sha256) in _TOKENIZER_FILES.items():
+    for relpath, (url, sha256) in TOKENIZER_FILES.items():
         cached = cache / hashlib.sha1(url.encode()).hexdigest()
         if cached.is_file() and assets.sha256_of(cached) == sha256:
             continue

@@ -91,7 +91,7 @@ def download(kit: str | os.PathLike, gpt2_sizes: tuple[str, ...] = DEFAULT_GPT2)
     kit.mkdir(parents=True, exist_ok=True)
     sources = [p for p in [*assets.asset_search_path(), assets.data_dir()] if p.resolve() != kit]
     with _environ(LORA_DATA_DIR=str(kit), LORA_ASSETS_PATH=os.pathsep.join(map(str, sources))):
-        for relpath, (url, sha256) in gpt2._TOKENIZER_FILES.items():
+        for relpath, (url, sha256) in gpt2.TOKENIZER_FILES.items():
             found = assets.fetch(relpath, url, sha256=sha256, desc="GPT-2 tokenizer")
             _copy_into(kit, relpath, found)
         _copy_into(kit, data.SMS_RELPATH, data.sms_spam_path())

@@ -249,7 +249,7 @@ def test_pretrained_weights_are_downloaded_verified_cached_and_loaded(
     data = files["save_pretrained"].read_bytes()
     sha = hashlib.sha256(data).hexdigest()
     monkeypatch.setitem(gpt2._SIZES, "gpt2-small", (TINY["emb_dim"], TINY["n_layers"], 4))
-    monkeypatch.setitem(gpt2._WEIGHTS, "gpt2-small", gpt2._WeightFile("test", sha, len(data)))
+    monkeypatch.setitem(gpt2.WEIGHT_FILES, "gpt2-small", gpt2.WeightFile("test", sha, len(data)))
     monkeypatch.delenv("LORA_PRETRAINED")
     monkeypatch.delenv("LORA_ASSETS_PATH", raising=False)
     monkeypatch.setenv("LORA_DATA_DIR", str(tmp_path))

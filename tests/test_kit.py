@@ -36,10 +36,10 @@ def fake_small_weights(env, tmp_path):
     path = source / gpt2.weights_relpath("gpt2-small")
     path.parent.mkdir(parents=True)
     path.write_bytes(FAKE_WEIGHTS)
-    expected = gpt2._WEIGHTS["gpt2-small"]._replace(
+    expected = gpt2.WEIGHT_FILES["gpt2-small"]._replace(
         sha256=hashlib.sha256(FAKE_WEIGHTS).hexdigest(), size=len(FAKE_WEIGHTS)
     )
-    env.setitem(gpt2._WEIGHTS, "gpt2-small", expected)
+    env.setitem(gpt2.WEIGHT_FILES, "gpt2-small", expected)
     return source
 
 
@@ -76,8 +76,8 @@ def test_download_fetches_what_is_not_local_over_http(env, tmp_path):
     files["/sms.zip"] = archive.getvalue()
     with FileServer(files) as server:
         for relpath in TOKENIZER:
-            _, sha256 = gpt2._TOKENIZER_FILES[relpath]
-            env.setitem(gpt2._TOKENIZER_FILES, relpath, (server.url(f"/{relpath}"), sha256))
+            _, sha256 = gpt2.TOKENIZER_FILES[relpath]
+            env.setitem(gpt2.TOKENIZER_FILES, relpath, (server.url(f"/{relpath}"), sha256))
         env.setattr(data, "SMS_URL", server.url("/sms.zip"))
         items = kit.download(tmp_path / "kit", gpt2_sizes=())
     assert sorted(path for path, _ in server.requests) == sorted(files)

@@ -138,7 +138,7 @@ def test_slide_metadata_on_every_cell(path):
     assert title is not None, "no title cell (a markdown cell with a `# ` heading)"
     for i, cell in enumerate(nb.cells):
         is_slide = i == title or (cell.cell_type == "markdown" and cell.source.startswith("## "))
-        wanted = "slide" if is_slide else "-"
+        wanted = "skip" if i == 1 else "slide" if is_slide else "-"
         got = cell.metadata.get("slideshow", {}).get("slide_type")
         assert got == wanted, (
             f"cell {i} has slide_type {got!r}, CONTRIBUTING.md asks for {wanted!r}"
