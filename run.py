@@ -45,6 +45,15 @@ def ensure_installed(python: Path, with_tests: bool) -> None:
     stamps[wanted[0]].write_text(digest)
 
 
+def lab_command(python: Path, rest: list[str]) -> list[str | Path]:
+    """JupyterLab serving the repository, its file browser opened on notebooks/."""
+    args = [python, "-m", "jupyter", "lab", f"--ServerApp.root_dir={ROOT}"]
+    args.append("--FileContentsManager.preferred_dir=notebooks")
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        args.append("--allow-root")  # containers and classroom VMs often run as root
+    return [*args, *rest]
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ("lab", "test"):
         print(__doc__)
@@ -59,16 +68,7 @@ def main(argv: list[str]) -> int:
         python = python_of_venv()
     ensure_installed(python, with_tests=command == "test")
     if command == "lab":
-        args = [
-            python,
-            "-m",
-            "jupyter",
-            "lab",
-            "--ServerApp.root_dir",
-            str(ROOT),
-            "notebooks/",
-            *rest,
-        ]
+        args = lab_command(python, rest)
     else:
         args = [python, "-m", "pytest", *rest]
     return subprocess.call(args, cwd=ROOT)

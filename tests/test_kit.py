@@ -154,7 +154,8 @@ def test_missing_requirements_of_this_environment_is_empty():
 def test_display_path_is_relative_to_the_repository_or_home():
     repo = Path(__file__).resolve().parents[1]
     assert kit.display_path(repo / "data") == "data"
-    assert kit.display_path(repo.parent / "shared" / "assets") == "../shared/assets"
+    beside = repo.parent / "a-kit-beside-the-repository" / "gpt2-tokenizer"
+    assert kit.display_path(beside) == "../a-kit-beside-the-repository/gpt2-tokenizer"
     assert kit.display_path(Path.home() / ".cache" / "x") == "~/.cache/x"
 
 

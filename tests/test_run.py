@@ -1,0 +1,52 @@
+"""The README's two commands: `run.py lab` serves the series, `run.py` explains itself."""
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from browser_support import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import run  # noqa: E402
+
+
+def test_without_a_command_it_prints_the_usage():
+    result = subprocess.run([sys.executable, "run.py"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "python3 run.py lab" in result.stdout
+
+
+def test_lab_serves_the_notebooks_and_opens_on_them(tmp_path):
+    port, token = free_port(), secrets.token_hex(8)
+    command = run.lab_command(Path(sys.executable), ["--no-browser", f"--port={port}"])
+    env = {**os.environ, "JUPYTER_TOKEN": token, "JUPYTER_RUNTIME_DIR": str(tmp_path)}
+    server = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(120):
+            try:
+                with urllib.request.urlopen(
+                    f"{base}/api/contents/notebooks?token={token}"
+                ) as response:
+                    listing = json.load(response)
+                break
+            except OSError:
+                assert server.poll() is None, "jupyter lab exited before it answered"
+                time.sleep(0.5)
+        else:
+            raise AssertionError("jupyter lab did not answer within 60 s")
+        names = {item["name"] for item in listing["content"]}
+        assert {"01_low_rank.ipynb", "02_lora_layer.ipynb", "solutions"} <= names
+        with urllib.request.urlopen(f"{base}/lab?token={token}") as response:
+            assert '"preferredPath": "notebooks"' in response.read().decode()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
