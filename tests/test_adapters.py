@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_gpt import SOURCE, TINY
 from torch import nn
 
 from lora_helpers.adapters import (
@@ -95,16 +96,6 @@ def test_combine_rejects_states_of_different_layers_or_sizes():
 
 # --------------------------------------------------------------- saving, loading, merging
 
-TINY = {
-    "vocab_size": 64,
-    "context_length": 16,
-    "emb_dim": 32,
-    "n_heads": 2,
-    "n_layers": 2,
-    "drop_rate": 0.0,
-    "qkv_bias": True,
-}
-SOURCE = GPT2Source("tiny-test", False, "a tiny random GPT for tests")
 IDS = torch.randint(0, 64, (3, 10), generator=torch.Generator().manual_seed(0))
 
 

@@ -5,23 +5,14 @@ import json
 
 import pytest
 import torch
+from tiny_gpt import SOURCE, TINY
 from torch.utils.data import DataLoader, TensorDataset
 
 from lora_helpers import train
 from lora_helpers.data import Loaders
-from lora_helpers.gpt2 import GPT2Source, GPTModel, to_classifier
+from lora_helpers.gpt2 import GPTModel, to_classifier
 from lora_helpers.lora import count_parameters
 
-TINY = {
-    "vocab_size": 64,
-    "context_length": 16,
-    "emb_dim": 32,
-    "n_heads": 2,
-    "n_layers": 2,
-    "drop_rate": 0.0,
-    "qkv_bias": True,
-}
-SOURCE = GPT2Source("tiny-test", False, "a tiny random GPT for tests")
 CPU = torch.device("cpu")
 
 
