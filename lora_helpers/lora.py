@@ -151,6 +151,11 @@ def wrap_linear_layers(
     qualified name, whole or as a dotted suffix ("W_query" matches "trf_blocks.0.att.W_query").
     Linears already wrapped by `wrapper` (its `.linear`) are left alone.
     """
+    if isinstance(model, nn.Linear):
+        raise TypeError(
+            f"Pass a model that contains nn.Linear layers; for a single layer use "
+            f"{wrapper.__name__}(linear, ...) directly."
+        )
     wrapped = {id(m.linear) for m in model.modules() if isinstance(m, wrapper)}
     linears = {
         name: module
@@ -182,9 +187,7 @@ def wrap_linear_layers(
             )
         chosen = [n for n in linears if any(_matches(n, t) for t in targets)]
     for name in chosen:
-        parent_name, _, child_name = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child_name, wrapper(linears[name], **wrapper_kwargs))
+        model.set_submodule(name, wrapper(linears[name], **wrapper_kwargs))
     return model
 
 

@@ -219,9 +219,7 @@ def quantize_linears(module: nn.Module, block_size: int = 64, scheme: str = "nf4
             "use QuantizedLinear(linear)."
         )
     for name, linear in linears:
-        parent_name, _, child = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, child, QuantizedLinear(linear, block_size, scheme))
+        module.set_submodule(name, QuantizedLinear(linear, block_size, scheme))
     return module
 
 
@@ -238,12 +236,8 @@ def add_lora_to_quantized(
             "quantize_linears(module) first."
         )
     for name, base in found:
-        parent_name, _, child = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(
-            parent,
-            child,
-            QuantizedLinearWithLoRA(base, rank, alpha, dropout=dropout, rslora=rslora),
+        module.set_submodule(
+            name, QuantizedLinearWithLoRA(base, rank, alpha, dropout=dropout, rslora=rslora)
         )
     return module
 

@@ -410,3 +410,8 @@ def test_load_lora_state_dict_errors():
     wrong_rank = replace_linear_with_lora(TinyNet(), rank=3, alpha=4, target_modules=["W_query"])
     with pytest.raises(ValueError, match=r"has shape \(8, 2\) in the file but \(8, 3\)"):
         load_lora_state_dict(wrong_rank, state)
+
+
+def test_replace_refuses_a_bare_linear_and_names_the_single_layer_class():
+    with pytest.raises(TypeError, match=r"for a single layer use LinearWithLoRA\(linear"):
+        replace_linear_with_lora(nn.Linear(4, 4), rank=2, alpha=4)
