@@ -146,6 +146,7 @@ class QuantizedLinear(nn.Module):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"QuantizedLinear quantises an nn.Linear, got {type(linear).__name__}.")
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight_dtype = linear.weight.dtype  # what forward, LoRA on top and a merge compute in
         q = quantize_4bit(linear.weight, block_size, scheme)
         self.block_size, self.scheme = block_size, scheme
         self.register_buffer("packed", q.packed)
@@ -190,7 +191,7 @@ class QuantizedLinearWithLoRA(nn.Module):
         self.base = base
         self.lora = LoRALayer(
             base.in_features, base.out_features, rank, alpha, dropout=dropout, rslora=rslora
-        ).to(base.absmax.device)
+        ).to(device=base.absmax.device, dtype=base.weight_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + self.lora(x)
@@ -203,8 +204,12 @@ class QuantizedLinearWithLoRA(nn.Module):
         a new rounding error; a merged model is therefore kept in float (or bf16).
         """
         base = self.base
-        linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
-        linear.weight.copy_(dequantize_4bit(base.quantized) + self.lora.delta_weight())
+        linear = nn.Linear(
+            base.in_features, base.out_features, bias=base.bias is not None, dtype=base.weight_dtype
+        )
+        linear.weight.copy_(
+            dequantize_4bit(base.quantized, base.weight_dtype) + self.lora.delta_weight()
+        )
         if base.bias is not None:
             linear.bias.copy_(base.bias)
         return linear.to(base.absmax.device)

@@ -27,11 +27,15 @@ from .lora import (
     mark_only_lora_as_trainable,
     replace_linear_with_lora,
 )
+from .protocol import SEEDS, Spread, Tuned, clearly_lower, format_table, spread, tune
 
 VOCAB = 16  # tokens 0..15
 CONTEXT = 8  # tokens per sequence
 D_MODEL = 32  # width of every layer: all six linear layers are 32 x 32
 IGNORE = -100  # target at positions with nothing `shift` places back
+#: The studies run in float64: at this size it costs little, and round-off then stays far
+#: below the printed digits on any CPU, thread count or torch version.
+DTYPE = torch.float64
 
 #: The six linear layers of the block, by the names the LoRA paper uses.
 LINEAR_NAMES = {
@@ -48,6 +52,7 @@ TARGET_SETS = {
     "K": ["K"],
     "V": ["V"],
     "O": ["O"],
+    "Q+K": ["Q", "K"],
     "Q+V": ["Q", "V"],
     "Q+K+V+O": ["Q", "K", "V", "O"],
     "attention+MLP": ["Q", "K", "V", "O", "MLP1", "MLP2"],
@@ -102,6 +107,31 @@ class Data:
     y: torch.Tensor
 
 
+@dataclass(frozen=True)
+class Splits:
+    """Training, validation and test data for one task.
+
+    Validation picks learning rates and the step to keep; test (clean, never used for
+    picking) is what the tables report as "held-out".
+    """
+
+    train: Data
+    val: Data
+    test: Data
+
+
+def make_splits(task: Task, n_train: int, *, n_val: int = 256, n_test: int = 1024) -> Splits:
+    """n_train training and n_val validation sequences (noisy as the task says), n_test clean test ones.
+
+    Seeds are fixed (1, 3, 2), so every notebook and test sees the same data for a task.
+    """
+    return Splits(
+        make_data(task, n_train, seed=1),
+        make_data(task, n_val, seed=3),
+        make_data(task, n_test, seed=2, clean=True),
+    )
+
+
 def make_data(task: Task, n: int, seed: int, *, clean: bool = False) -> Data:
     """n random sequences and their targets under `task`; clean=True skips the label noise."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -150,8 +180,21 @@ def loss_and_accuracy(model: nn.Module, data: Data) -> tuple[float, float]:
         logits = model(data.x)
     mask = data.y != IGNORE
     loss = F.cross_entropy(logits[mask], data.y[mask]).item()
-    accuracy = (logits.argmax(-1)[mask] == data.y[mask]).float().mean().item()
+    accuracy = (logits.argmax(-1)[mask] == data.y[mask]).double().mean().item()
     return loss, accuracy
+
+
+@dataclass
+class Curves:
+    """What train() saw: training loss per step, [(step, validation loss)], the best step.
+
+    best_state: the trainable parameters at best_step (None without validation data).
+    """
+
+    train: list[float]
+    val: list[tuple[int, float]]
+    best_step: int
+    best_state: list[torch.Tensor] | None = field(default=None, repr=False)
 
 
 def train(
@@ -162,20 +205,36 @@ def train(
     lr: float,
     batch_size: int = 64,
     seed: int = 0,
-    heldout: Data | None = None,
+    val: Data | None = None,
     eval_every: int = 10,
-) -> tuple[list[float], list[tuple[int, float]]]:
-    """Adam on the trainable parameters; returns (train loss per step, [(step, held-out loss)])."""
+) -> Curves:
+    """Adam on the trainable parameters of `model`, in place.
+
+    With `val`, the validation loss is measured every `eval_every` steps and after the last
+    one, and a copy of the trainable parameters at the step where it was lowest is kept in
+    the returned Curves (early stopping, protocol rule 3; `keep_best` puts them back).
+    Raises ValueError if nothing in the model is trainable.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("The model has no trainable parameters; add LoRA or unfreeze some first.")
     opt = torch.optim.Adam(params, lr=lr)
     g = torch.Generator().manual_seed(seed)
     mask = data.y != IGNORE
-    train_curve, heldout_curve = [], []
+    curves = Curves([], [], steps)
+    best_loss = math.inf
+
+    def validate(step: int) -> None:
+        nonlocal best_loss
+        loss = loss_and_accuracy(model, val)[0]
+        curves.val.append((step, loss))
+        if loss < best_loss:
+            best_loss, curves.best_step = loss, step
+            curves.best_state = [p.detach().clone() for p in params]
+
     for step in range(steps):
-        if heldout is not None and step % eval_every == 0:
-            heldout_curve.append((step, loss_and_accuracy(model, heldout)[0]))
+        if val is not None and step % eval_every == 0:
+            validate(step)
         idx = (
             torch.randperm(len(data.x), generator=g)[:batch_size]
             if len(data.x) > batch_size
@@ -186,16 +245,25 @@ def train(
         opt.zero_grad()
         loss.backward()
         opt.step()
-        train_curve.append(loss.item())
-    if heldout is not None:
-        heldout_curve.append((steps, loss_and_accuracy(model, heldout)[0]))
-    return train_curve, heldout_curve
+        curves.train.append(loss.item())
+    if val is not None:
+        validate(steps)
+    return curves
+
+
+@torch.no_grad()
+def keep_best(model: nn.Module, curves: Curves) -> nn.Module:
+    """Put the trainable parameters of curves.best_step back into `model` (early stopping)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p, best in zip(params, curves.best_state, strict=True):
+        p.copy_(best)
+    return model
 
 
 def pretrained_model(seed: int = 0, steps: int = 300) -> TinyTransformer:
-    """A TinyTransformer trained on PRETRAIN_TASK (copy the previous token), frozen, in eval mode."""
+    """A TinyTransformer in DTYPE trained on PRETRAIN_TASK (copy the previous token), frozen, in eval mode."""
     torch.manual_seed(seed)
-    model = TinyTransformer()
+    model = TinyTransformer().to(DTYPE)
     train(model, make_data(PRETRAIN_TASK, 4096, seed), steps=steps, lr=3e-3, seed=seed)
     return model.requires_grad_(False).eval()
 
@@ -212,22 +280,28 @@ def module_names(keys: Sequence[str]) -> list[str]:
 
 @dataclass
 class Run:
-    """One fine-tuning run: its model, curves and final numbers."""
+    """One fine-tuning run, scored at its best validation step.
+
+    val_loss: the lowest validation loss (what protocol.tune compares); train_loss,
+    heldout_loss and heldout_accuracy: the kept model on the training and test data;
+    last_heldout_loss: the test loss after the last step, had we not stopped early.
+    """
 
     label: str
     model: nn.Module = field(repr=False)
     trainable: int
-    train_curve: list[float] = field(repr=False)
-    heldout_curve: list[tuple[int, float]] = field(repr=False)
+    lr: float
+    curves: Curves = field(repr=False)
+    val_loss: float
     train_loss: float
     heldout_loss: float
     heldout_accuracy: float
+    last_heldout_loss: float
 
 
 def train_run(
     model: nn.Module,
-    train_data: Data,
-    heldout: Data,
+    data: Splits,
     *,
     label: str,
     steps: int = 200,
@@ -235,29 +309,32 @@ def train_run(
     seed: int = 0,
     eval_every: int = 10,
 ) -> Run:
-    """Train the trainable parameters of `model` in place (see train) and collect a Run."""
+    """Train the trainable parameters of `model` in place with early stopping on data.val."""
     model.train()
-    train_curve, heldout_curve = train(
-        model, train_data, steps=steps, lr=lr, seed=seed, heldout=heldout, eval_every=eval_every
+    curves = train(
+        model, data.train, steps=steps, lr=lr, seed=seed, val=data.val, eval_every=eval_every
     )
     model.eval()
-    loss, accuracy = loss_and_accuracy(model, heldout)
+    last_loss = loss_and_accuracy(model, data.test)[0]
+    keep_best(model, curves)
+    loss, accuracy = loss_and_accuracy(model, data.test)
     return Run(
         label=label,
         model=model,
         trainable=count_parameters(model).trainable,
-        train_curve=train_curve,
-        heldout_curve=heldout_curve,
-        train_loss=loss_and_accuracy(model, train_data)[0],
+        lr=lr,
+        curves=curves,
+        val_loss=min(v for _, v in curves.val),
+        train_loss=loss_and_accuracy(model, data.train)[0],
         heldout_loss=loss,
         heldout_accuracy=accuracy,
+        last_heldout_loss=last_loss,
     )
 
 
 def lora_run(
     base: nn.Module,
-    train_data: Data,
-    heldout: Data,
+    data: Splits,
     rank: int,
     alpha: float,
     *,
@@ -277,11 +354,27 @@ def lora_run(
     )
     mark_only_lora_as_trainable(model)
     label = f"LoRA, rank {rank}, alpha {alpha:g}, {rule}"
+    return train_run(model, data, label=label, steps=steps, lr=lr, seed=seed, eval_every=eval_every)
+
+
+def full_finetune_run(
+    base: nn.Module,
+    data: Splits,
+    *,
+    targets: Sequence[str] = tuple(LINEAR_NAMES),
+    steps: int = 300,
+    lr: float = 1e-3,
+    seed: int = 0,
+    eval_every: int = 10,
+) -> Run:
+    """Train every entry of the weight matrices `targets` of a copy of `base` (biases stay frozen)."""
+    model = copy.deepcopy(base).requires_grad_(False)
+    for name in module_names(targets):
+        model.get_submodule(name).weight.requires_grad_(True)
     return train_run(
         model,
-        train_data,
-        heldout,
-        label=label,
+        data,
+        label="full fine-tuning",
         steps=steps,
         lr=lr,
         seed=seed,
@@ -289,58 +382,27 @@ def lora_run(
     )
 
 
-def full_finetune_run(
-    base: nn.Module,
-    train_data: Data,
-    heldout: Data,
-    *,
-    targets: Sequence[str] = tuple(LINEAR_NAMES),
-    steps: int = 300,
-    lr: float = 1e-3,
-    seed: int = 0,
-) -> Run:
-    """Train every entry of the weight matrices `targets` of a copy of `base` (biases stay frozen)."""
-    model = copy.deepcopy(base).requires_grad_(False)
-    for name in module_names(targets):
-        model.get_submodule(name).weight.requires_grad_(True)
-    return train_run(
-        model, train_data, heldout, label="full fine-tuning", steps=steps, lr=lr, seed=seed
-    )
-
-
 def plot_runs(runs: Sequence[Run], title: str = "") -> plt.Figure:
-    """Training loss (thin) and held-out loss (thick) against step, one colour per run."""
+    """Training loss (thin) and validation loss (thick) against step, the kept step as a dot."""
     fig, ax = plt.subplots(figsize=(7, 3.6))
     for i, run in enumerate(runs):
         color = f"C{i}"
-        ax.plot(run.train_curve, color=color, alpha=0.35, lw=1)
-        steps, losses = zip(*run.heldout_curve, strict=True)
-        ax.plot(
-            steps, losses, color=color, lw=2, label=f"{run.label}: held-out {run.heldout_loss:.3f}"
-        )
+        ax.plot(run.curves.train, color=color, alpha=0.35, lw=1)
+        steps, losses = zip(*run.curves.val, strict=True)
+        ax.plot(steps, losses, color=color, lw=2, label=f"{run.label}: test {run.heldout_loss:.2f}")
+        ax.plot(run.curves.best_step, run.val_loss, "o", color=color)
     ax.set(xlabel="step", ylabel="cross-entropy", yscale="log", title=title)
-    ax.legend(fontsize=8, title="thin: training loss, thick: held-out", title_fontsize=8)
+    ax.legend(fontsize=8, title="thin: training, thick: validation, dot: kept", title_fontsize=8)
     fig.tight_layout()
     return fig
 
 
 def rank_alpha_figure(
-    base: nn.Module, train_data: Data, heldout: Data, rank: int, alpha: float, rule: str
+    base: nn.Module, data: Splits, rank: int, alpha: float, rule: str
 ) -> plt.Figure:
     """The slider's function: one LoRA run (Q, K, V, O) with these settings, plotted."""
-    run = lora_run(base, train_data, heldout, rank, alpha, rule=rule)
+    run = lora_run(base, data, rank, alpha, rule=rule)
     return plot_runs([run], title=f"scaling = {rule} = {scaling_of(rank, alpha, rule):.3g}")
-
-
-@dataclass
-class Sweep:
-    """Final losses of a grid of runs: rows are ranks, columns alphas."""
-
-    ranks: list[int]
-    alphas: list[float]
-    rule: str
-    train_loss: torch.Tensor  # (len(ranks), len(alphas))
-    heldout_loss: torch.Tensor  # (len(ranks), len(alphas))
 
 
 def scaling_of(rank: int, alpha: float, rule: str) -> float:
@@ -350,53 +412,82 @@ def scaling_of(rank: int, alpha: float, rule: str) -> float:
     return alpha / (rank if rule == "alpha/r" else math.sqrt(rank))
 
 
+@dataclass
+class Sweep:
+    """A grid of runs under one scaling rule: losses of shape (seeds, ranks, alphas)."""
+
+    ranks: list[int]
+    alphas: list[float]
+    rule: str
+    train_loss: torch.Tensor
+    heldout_loss: torch.Tensor
+
+
 def sweep_rank_alpha(
     base: nn.Module,
-    train_data: Data,
-    heldout: Data,
+    data: Splits,
     ranks: Sequence[int],
     alphas: Sequence[float],
     *,
     rules: Sequence[str] = RULES,
     steps: int = 150,
-    seed: int = 0,
+    lr: float = 1e-2,
+    seeds: Sequence[int] = SEEDS,
 ) -> list[Sweep]:
-    """One LoRA run (Q, K, V, O) per (rank, alpha) and rule; runs with equal scaling are shared."""
-    done: dict[tuple[int, float], Run] = {}  # at rank 1 both rules give the same run
+    """One LoRA run (Q, K, V, O) per (rank, alpha, seed) and rule; runs with equal scaling are shared."""
+    done: dict[tuple[int, float, int], Run] = {}  # at rank 1 both rules give the same run
     sweeps = []
     for rule in rules:
-        train_loss = torch.empty(len(ranks), len(alphas))
-        heldout_loss = torch.empty(len(ranks), len(alphas))
-        for i, rank in enumerate(ranks):
-            for j, alpha in enumerate(alphas):
-                key = (rank, scaling_of(rank, alpha, rule))
-                if key not in done:
-                    done[key] = lora_run(
-                        base,
-                        train_data,
-                        heldout,
-                        rank,
-                        alpha,
-                        rule=rule,
-                        steps=steps,
-                        seed=seed,
-                        eval_every=steps,
-                    )
-                train_loss[i, j] = done[key].train_loss
-                heldout_loss[i, j] = done[key].heldout_loss
+        shape = (len(seeds), len(ranks), len(alphas))
+        train_loss, heldout_loss = torch.empty(shape), torch.empty(shape)
+        for s, seed in enumerate(seeds):
+            for i, rank in enumerate(ranks):
+                for j, alpha in enumerate(alphas):
+                    key = (rank, scaling_of(rank, alpha, rule), seed)
+                    if key not in done:
+                        done[key] = lora_run(
+                            base,
+                            data,
+                            rank,
+                            alpha,
+                            rule=rule,
+                            steps=steps,
+                            lr=lr,
+                            seed=seed,
+                            eval_every=10,
+                        )
+                    train_loss[s, i, j] = done[key].train_loss
+                    heldout_loss[s, i, j] = done[key].heldout_loss
         sweeps.append(
             Sweep(list(ranks), [float(a) for a in alphas], rule, train_loss, heldout_loss)
         )
     return sweeps
 
 
+def best_alphas(sweep: Sweep) -> list[str]:
+    """Per rank, a line naming the alpha with the lowest mean test loss and whether the next best is within its spread."""
+    lines = []
+    for i, rank in enumerate(sweep.ranks):
+        grid = sweep.heldout_loss[:, i, :]  # (seeds, alphas)
+        order = grid.mean(0).argsort().tolist()
+        best, second = (spread(grid[:, j].tolist()) for j in order[:2])
+        a, b = sweep.alphas[order[0]], sweep.alphas[order[1]]
+        how = (
+            f"clearly ahead of the next best, alpha {b:g} ({second.format()})"
+            if clearly_lower(best, second)
+            else f"within the spread of alpha {b:g} ({second.format()})"
+        )
+        lines.append(f"rank {rank:>2}: best alpha {a:g}, test loss {best.format()}, {how}")
+    return lines
+
+
 def plot_sweeps(sweeps: Sequence[Sweep]) -> plt.Figure:
-    """Heat maps of final training loss (top row) and held-out loss (bottom row), one column per sweep."""
+    """Heat maps of mean training loss (top row) and held-out loss (bottom row) over seeds, one column per rule."""
     fig, axes = plt.subplots(
-        2, len(sweeps), figsize=(4.2 * len(sweeps), 6.4), squeeze=False, layout="constrained"
+        2, len(sweeps), figsize=(4.2 * len(sweeps), 5.6), squeeze=False, layout="constrained"
     )
     for row, which in enumerate(("train_loss", "heldout_loss")):
-        grids = [getattr(s, which) for s in sweeps]
+        grids = [getattr(s, which).mean(0) for s in sweeps]
         vmin, vmax = min(g.min().item() for g in grids), max(g.max().item() for g in grids)
         for ax, sweep, grid in zip(axes[row], sweeps, grids, strict=True):
             image = ax.imshow(grid.numpy(), cmap="viridis_r", vmin=vmin, vmax=vmax, aspect="auto")
@@ -422,55 +513,59 @@ def plot_sweeps(sweeps: Sequence[Sweep]) -> plt.Figure:
 
 @dataclass
 class RankFit:
-    """Final losses against rank, one row per seed: (len(seeds), len(ranks)) each."""
+    """Losses against rank, one row per seed: (len(seeds), len(ranks)) each.
+
+    heldout_loss: at each run's best validation step; last_heldout_loss: after the last step.
+    """
 
     ranks: list[int]
     train_loss: torch.Tensor
     heldout_loss: torch.Tensor
+    last_heldout_loss: torch.Tensor
 
 
 def fit_by_rank(
     base: nn.Module,
-    train_data: Data,
-    heldout: Data,
+    data: Splits,
     ranks: Sequence[int],
     *,
     scaling: float = 2.0,
-    seeds: Sequence[int] = (0, 1),
+    seeds: Sequence[int] = SEEDS,
     steps: int = 300,
+    lr: float = 1e-2,
 ) -> RankFit:
     """LoRA (Q, K, V, O) at each rank with alpha = scaling * rank (so alpha/r is fixed), per seed."""
-    train_loss = torch.empty(len(seeds), len(ranks))
-    heldout_loss = torch.empty(len(seeds), len(ranks))
+    shape = (len(seeds), len(ranks))
+    train_loss, heldout_loss, last = torch.empty(shape), torch.empty(shape), torch.empty(shape)
     for s, seed in enumerate(seeds):
         for i, rank in enumerate(ranks):
-            run = lora_run(
-                base,
-                train_data,
-                heldout,
-                rank,
-                scaling * rank,
-                steps=steps,
-                seed=seed,
-                eval_every=steps,
-            )
+            run = lora_run(base, data, rank, scaling * rank, steps=steps, lr=lr, seed=seed)
             train_loss[s, i], heldout_loss[s, i] = run.train_loss, run.heldout_loss
-    return RankFit(list(ranks), train_loss, heldout_loss)
+            last[s, i] = run.last_heldout_loss
+    return RankFit(list(ranks), train_loss, heldout_loss, last)
 
 
 def plot_fit_by_rank(fit: RankFit) -> plt.Figure:
-    """Training and held-out loss against rank: mean over seeds, with each seed as a dot."""
+    """Held-out loss against rank, at the best validation step and after the last step: mean and range over seeds."""
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for name, grid, color in (
-        ("training loss", fit.train_loss, "C0"),
-        ("held-out loss", fit.heldout_loss, "C3"),
+        ("held-out, after the last step", fit.last_heldout_loss, "C3"),
+        ("held-out, at the best validation step", fit.heldout_loss, "C2"),
+        ("training (noisy labels), at the best step", fit.train_loss, "C0"),
     ):
-        ax.plot(fit.ranks, grid.mean(0), "o-", color=color, label=name)
-        for row in grid:
-            ax.plot(fit.ranks, row, ".", color=color, alpha=0.4)
-    ax.set(xscale="log", xlabel="rank r", ylabel="final cross-entropy")
+        mean, low, high = grid.mean(0), grid.min(0).values, grid.max(0).values
+        ax.errorbar(
+            fit.ranks,
+            mean,
+            yerr=[mean - low, high - mean],
+            fmt="o-",
+            color=color,
+            capsize=3,
+            label=name,
+        )
+    ax.set(xscale="log", xlabel="rank r", ylabel="cross-entropy (mean, seed range)")
     ax.set_xticks(fit.ranks, [str(r) for r in fit.ranks])
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -493,81 +588,54 @@ def budget_ranks(budget: int, target_sets: dict[str, list[str]] = TARGET_SETS) -
     return ranks
 
 
-@dataclass
-class TargetResult:
-    """Held-out loss and accuracy of one target set, one entry per seed."""
-
-    name: str
-    rank: int
-    trainable: int
-    heldout_loss: list[float]
-    heldout_accuracy: list[float]
-
-
 def compare_targets(
     base: nn.Module,
-    train_data: Data,
-    heldout: Data,
+    data: Splits,
     budget: int,
     *,
     target_sets: dict[str, list[str]] = TARGET_SETS,
-    seeds: Sequence[int] = (0, 1, 2),
+    seeds: Sequence[int] = SEEDS,
+    lrs: Sequence[float] = (1e-2,),
     steps: int = 200,
-) -> list[TargetResult]:
-    """LoRA on each target set at the rank budget_ranks gives it (alpha = 2 * rank), per seed."""
+) -> list[Tuned]:
+    """LoRA on each target set at the rank budget_ranks gives it (alpha = 2 * rank).
+
+    Each set gets its own learning rate from `lrs`, picked on validation data (protocol.tune),
+    then runs once per seed. Returns one Tuned per set, named as in `target_sets`.
+    """
     results = []
     for name, rank in budget_ranks(budget, target_sets).items():
-        runs = [
-            lora_run(
+
+        def run(lr: float, seed: int, name: str = name, rank: int = rank) -> Run:
+            return lora_run(
                 base,
-                train_data,
-                heldout,
+                data,
                 rank,
                 2 * rank,
                 targets=target_sets[name],
                 steps=steps,
+                lr=lr,
                 seed=seed,
-                eval_every=steps,
             )
-            for seed in seeds
-        ]
-        results.append(
-            TargetResult(
-                name,
-                rank,
-                runs[0].trainable,
-                [r.heldout_loss for r in runs],
-                [r.heldout_accuracy for r in runs],
-            )
-        )
+
+        results.append(tune(name, run, lrs, seeds))
     return results
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A plain-text table with right-aligned columns."""
-    cells = [list(map(str, headers))] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def targets_table(results: Sequence[TargetResult]) -> str:
-    """compare_targets' results as a table: mean and spread (min-max) over seeds."""
-    rows = []
-    for r in results:
-        loss = torch.tensor(r.heldout_loss)
-        acc = 100 * torch.tensor(r.heldout_accuracy)
-        rows.append(
-            [
-                r.name,
-                r.rank,
-                r.trainable,
-                f"{loss.mean():.3f} ({loss.min():.3f}-{loss.max():.3f})",
-                f"{acc.mean():.1f} ({acc.min():.1f}-{acc.max():.1f})",
-            ]
-        )
-    headers = ["adapted", "rank", "parameters", "held-out loss (min-max)", "accuracy % (min-max)"]
+def targets_table(results: Sequence[Tuned]) -> str:
+    """compare_targets' results: rank, parameters, lr, and test loss and accuracy over seeds."""
+    rows = [
+        [
+            t.name,
+            t.runs[0].label.split(",")[1].split()[-1],
+            t.runs[0].trainable,
+            f"{t.lr:g}",
+            t.spread("heldout_loss").format(".2f"),
+            t.spread("heldout_accuracy", 100).format(".1f"),
+        ]
+        for t in results
+    ]
+    headers = ["adapted", "rank", "parameters", "lr", "test loss (min-max)", "accuracy % (min-max)"]
     return format_table(headers, rows)
 
 
@@ -650,15 +718,24 @@ def plot_spectra(deltas: dict[str, torch.Tensor], mark: int | None = None) -> pl
 
 
 def plot_loss_vs_rank(
-    ranks: Sequence[int], curves: dict[str, Sequence[float]], reference: dict[str, float]
+    ranks: Sequence[int],
+    curves: dict[str, Sequence[float | Spread]],
+    reference: dict[str, float],
 ) -> plt.Figure:
-    """Held-out loss against rank, one line per curve, dashed lines for reference losses."""
+    """Test loss against rank, one line per curve (a Spread per rank draws its seed range as
+    error bars), dashed lines for reference losses."""
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for i, (name, losses) in enumerate(curves.items()):
-        ax.plot(ranks, losses, "o-", color=f"C{i}", label=name)
+        spreads = [v if isinstance(v, Spread) else spread([v]) for v in losses]
+        mean = [v.mean for v in spreads]
+        err = [
+            [m - v.low for m, v in zip(mean, spreads, strict=True)],
+            [v.high - m for m, v in zip(mean, spreads, strict=True)],
+        ]
+        ax.errorbar(ranks, mean, yerr=err, fmt="o-", color=f"C{i}", capsize=3, label=name)
     for i, (name, loss) in enumerate(reference.items()):
         ax.axhline(loss, color=f"C{i + len(curves)}", ls="--", lw=1, label=name)
-    ax.set(xscale="log", yscale="log", xlabel="rank r", ylabel="held-out cross-entropy")
+    ax.set(xscale="log", yscale="log", xlabel="rank r", ylabel="test cross-entropy")
     ax.set_xticks(list(ranks), [str(r) for r in ranks])
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -50,3 +50,13 @@ def test_lab_serves_the_notebooks_and_opens_on_them(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_the_second_notebook_pass_really_uses_other_kernels():
+    best = "import torch; print(torch.backends.cpu.get_cpu_capability())"
+    here = subprocess.check_output([sys.executable, "-c", best], text=True).strip()
+    settings = run.other_kernels(Path(sys.executable))
+    assert set(settings) == {"ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"}
+    env = {**os.environ, **settings}
+    there = subprocess.check_output([sys.executable, "-c", best], text=True, env=env).strip()
+    assert there != here, f"ATEN_CPU_CAPABILITY={settings['ATEN_CPU_CAPABILITY']} left torch on {here}"
