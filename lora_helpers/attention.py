@@ -19,7 +19,10 @@ ATTENTION_TARGETS = {"q": "W_query", "k": "W_key", "v": "W_value", "o": "out_pro
 
 
 class MultiHeadAttention(nn.Module):
-    """Causal self-attention: x (batch, tokens, d_in) -> (batch, tokens, d_out)."""
+    """Causal self-attention: x (batch, tokens, d_in) -> (batch, tokens, d_out).
+
+    dtype: of the four projections' weights (default: torch's default dtype).
+    """
 
     def __init__(
         self,
@@ -29,16 +32,17 @@ class MultiHeadAttention(nn.Module):
         dropout: float,
         num_heads: int,
         qkv_bias: bool = False,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if d_out % num_heads:
             raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads}).")
         self.d_out, self.num_heads, self.head_dim = d_out, num_heads, d_out // num_heads
         self.context_length, self.dropout = context_length, dropout
-        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.out_proj = nn.Linear(d_out, d_out)
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias, dtype=dtype)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias, dtype=dtype)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias, dtype=dtype)
+        self.out_proj = nn.Linear(d_out, d_out, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape

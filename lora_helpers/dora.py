@@ -35,8 +35,14 @@ class LinearWithDoRA(nn.Module):
         self.linear = linear
         self.linear.requires_grad_(False)
         self.lora = LoRALayer(
-            linear.in_features, linear.out_features, rank, alpha, rslora=rslora
-        ).to(device=linear.weight.device, dtype=linear.weight.dtype)
+            linear.in_features,
+            linear.out_features,
+            rank,
+            alpha,
+            rslora=rslora,
+            dtype=linear.weight.dtype,
+            device=linear.weight.device,
+        )
         norms = _row_norms(linear.weight.detach())
         if not (norms > 0).all():
             raise ValueError(

@@ -36,7 +36,10 @@ def _check_rank_alpha(rank: int, alpha: float, in_dim: int, out_dim: int) -> Non
 
 
 class LoRALayer(nn.Module):
-    """The low-rank update alone: x (..., in_dim) -> scaling * x @ A @ B, shape (..., out_dim)."""
+    """The low-rank update alone: x (..., in_dim) -> scaling * x @ A @ B, shape (..., out_dim).
+
+    dtype and device place A and B as nn.Linear's factory arguments do (default: torch's).
+    """
 
     def __init__(
         self,
@@ -47,6 +50,8 @@ class LoRALayer(nn.Module):
         *,
         dropout: float = 0.0,
         rslora: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("in_dim", in_dim), ("out_dim", out_dim)):
@@ -56,11 +61,14 @@ class LoRALayer(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}.")
         self.rank, self.alpha, self.rslora = rank, float(alpha), rslora
-        self.A = nn.Parameter(torch.empty(in_dim, rank))
+        # dtype and device as in nn.Linear: A is drawn in the dtype it will train in (drawing in
+        # float32 and casting would give last-bit differences between CPUs' random kernels).
+        self.A = nn.Parameter(torch.empty(in_dim, rank, dtype=dtype, device=device))
         # Initialise A as nn.Linear(in_dim, rank) would: Kaiming-uniform with a=sqrt(5),
         # fan_in = in_dim (A.T has nn.Linear's (out, in) layout).
         nn.init.kaiming_uniform_(self.A.T, a=math.sqrt(5))
-        self.B = nn.Parameter(torch.zeros(rank, out_dim))  # zero: the update starts at 0
+        # zero: the update starts at 0
+        self.B = nn.Parameter(torch.zeros(rank, out_dim, dtype=dtype, device=device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     @property
@@ -108,8 +116,15 @@ class LinearWithLoRA(nn.Module):
         self.linear = linear
         self.linear.requires_grad_(False)
         self.lora = LoRALayer(
-            linear.in_features, linear.out_features, rank, alpha, dropout=dropout, rslora=rslora
-        ).to(device=linear.weight.device, dtype=linear.weight.dtype)
+            linear.in_features,
+            linear.out_features,
+            rank,
+            alpha,
+            dropout=dropout,
+            rslora=rslora,
+            dtype=linear.weight.dtype,
+            device=linear.weight.device,
+        )
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ tables report is used for nothing else.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -108,12 +109,14 @@ class Tuned:
         return spread([scale * getattr(run, attribute) for run in self.runs])
 
     def grid(self) -> str:
-        """The learning-rate grid and its validation losses, the pick marked with *."""
+        """The learning-rate grid and its validation losses, the pick marked with * (and flagged
+        when it is the largest learning rate tried: a larger one might have validated better)."""
         cells = [
             f"{lr:g}: {score:.3f}{'*' if lr == self.lr else ''}"
             for lr, score in self.lr_scores.items()
         ]
-        return f"{self.name}: validation loss by learning rate  " + "  ".join(cells)
+        edge = "  (the largest tried)" if len(cells) > 1 and self.lr == max(self.lr_scores) else ""
+        return f"{self.name}: validation loss by learning rate  " + "  ".join(cells) + edge
 
 
 def tune(
@@ -138,7 +141,7 @@ def tune(
         raise ValueError("Give at least one seed; three or more show the spread.")
     first = {lr: run(lr, seeds[0]) for lr in lrs}
     scores = {lr: float(r.val_loss) for lr, r in first.items()}
-    finite = {lr: s for lr, s in scores.items() if s == s and s != float("inf")}
+    finite = {lr: s for lr, s in scores.items() if math.isfinite(s)}
     if not finite:
         raise ValueError(f"{name}: every learning rate in {list(lrs)} diverged; try smaller ones.")
     best = min(finite, key=lambda lr: (finite[lr], lr))

@@ -190,8 +190,15 @@ class QuantizedLinearWithLoRA(nn.Module):
             )
         self.base = base
         self.lora = LoRALayer(
-            base.in_features, base.out_features, rank, alpha, dropout=dropout, rslora=rslora
-        ).to(device=base.absmax.device, dtype=base.weight_dtype)
+            base.in_features,
+            base.out_features,
+            rank,
+            alpha,
+            dropout=dropout,
+            rslora=rslora,
+            dtype=base.weight_dtype,
+            device=base.absmax.device,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + self.lora(x)

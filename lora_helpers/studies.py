@@ -148,24 +148,27 @@ def make_data(task: Task, n: int, seed: int, *, clean: bool = False) -> Data:
 class MLP(nn.Module):
     """x (..., D_MODEL) -> fc2(gelu(fc1(x))), same shape."""
 
-    def __init__(self, d: int) -> None:
+    def __init__(self, d: int, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(d, d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, d, dtype=dtype), nn.Linear(d, d, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
 
 
 class TinyTransformer(nn.Module):
-    """One pre-norm transformer block: tokens (batch, CONTEXT) -> logits (batch, CONTEXT, VOCAB)."""
+    """One pre-norm transformer block: tokens (batch, CONTEXT) -> logits (batch, CONTEXT, VOCAB), in `dtype`."""
 
-    def __init__(self, d: int = D_MODEL, heads: int = 2) -> None:
+    def __init__(self, d: int = D_MODEL, heads: int = 2, dtype: torch.dtype = DTYPE) -> None:
         super().__init__()
-        self.tok_emb, self.pos_emb = nn.Embedding(VOCAB, d), nn.Embedding(CONTEXT, d)
-        self.norm1, self.norm2, self.norm_f = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
-        self.att = MultiHeadAttention(d, d, CONTEXT, dropout=0.0, num_heads=heads)
-        self.mlp = MLP(d)
-        self.head = nn.Linear(d, VOCAB)
+        # Built directly in `dtype`: random weights drawn in float32 and then cast would differ
+        # in their last bits from one CPU's random-number kernels to another's.
+        self.tok_emb = nn.Embedding(VOCAB, d, dtype=dtype)
+        self.pos_emb = nn.Embedding(CONTEXT, d, dtype=dtype)
+        self.norm1, self.norm2, self.norm_f = (nn.LayerNorm(d, dtype=dtype) for _ in range(3))
+        self.att = MultiHeadAttention(d, d, CONTEXT, dropout=0.0, num_heads=heads, dtype=dtype)
+        self.mlp = MLP(d, dtype)
+        self.head = nn.Linear(d, VOCAB, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.tok_emb(x) + self.pos_emb(torch.arange(x.shape[1], device=x.device))
@@ -254,6 +257,8 @@ def train(
 @torch.no_grad()
 def keep_best(model: nn.Module, curves: Curves) -> nn.Module:
     """Put the trainable parameters of curves.best_step back into `model` (early stopping)."""
+    if curves.best_state is None:
+        raise ValueError("These curves have no best step: train with val=... to keep one.")
     params = [p for p in model.parameters() if p.requires_grad]
     for p, best in zip(params, curves.best_state, strict=True):
         p.copy_(best)
@@ -263,7 +268,7 @@ def keep_best(model: nn.Module, curves: Curves) -> nn.Module:
 def pretrained_model(seed: int = 0, steps: int = 300) -> TinyTransformer:
     """A TinyTransformer in DTYPE trained on PRETRAIN_TASK (copy the previous token), frozen, in eval mode."""
     torch.manual_seed(seed)
-    model = TinyTransformer().to(DTYPE)
+    model = TinyTransformer()
     train(model, make_data(PRETRAIN_TASK, 4096, seed), steps=steps, lr=3e-3, seed=seed)
     return model.requires_grad_(False).eval()
 
@@ -439,7 +444,8 @@ def sweep_rank_alpha(
     sweeps = []
     for rule in rules:
         shape = (len(seeds), len(ranks), len(alphas))
-        train_loss, heldout_loss = torch.empty(shape), torch.empty(shape)
+        train_loss = torch.empty(shape, dtype=DTYPE)
+        heldout_loss = torch.empty(shape, dtype=DTYPE)
         for s, seed in enumerate(seeds):
             for i, rank in enumerate(ranks):
                 for j, alpha in enumerate(alphas):
@@ -470,14 +476,13 @@ def best_alphas(sweep: Sweep) -> list[str]:
     for i, rank in enumerate(sweep.ranks):
         grid = sweep.heldout_loss[:, i, :]  # (seeds, alphas)
         order = grid.mean(0).argsort().tolist()
-        best, second = (spread(grid[:, j].tolist()) for j in order[:2])
-        a, b = sweep.alphas[order[0]], sweep.alphas[order[1]]
-        how = (
-            f"clearly ahead of the next best, alpha {b:g} ({second.format()})"
-            if clearly_lower(best, second)
-            else f"within the spread of alpha {b:g} ({second.format()})"
-        )
-        lines.append(f"rank {rank:>2}: best alpha {a:g}, test loss {best.format()}, {how}")
+        best = spread(grid[:, order[0]].tolist())
+        line = f"rank {rank:>2}: best alpha {sweep.alphas[order[0]]:g}, test loss {best.format()}"
+        if len(order) > 1:
+            second = spread(grid[:, order[1]].tolist())
+            ahead = "clearly ahead of" if clearly_lower(best, second) else "within the spread of"
+            line += f", {ahead} alpha {sweep.alphas[order[1]]:g} ({second.format()})"
+        lines.append(line)
     return lines
 
 
@@ -536,7 +541,7 @@ def fit_by_rank(
 ) -> RankFit:
     """LoRA (Q, K, V, O) at each rank with alpha = scaling * rank (so alpha/r is fixed), per seed."""
     shape = (len(seeds), len(ranks))
-    train_loss, heldout_loss, last = torch.empty(shape), torch.empty(shape), torch.empty(shape)
+    train_loss, heldout_loss, last = (torch.empty(shape, dtype=DTYPE) for _ in range(3))
     for s, seed in enumerate(seeds):
         for i, rank in enumerate(ranks):
             run = lora_run(base, data, rank, scaling * rank, steps=steps, lr=lr, seed=seed)
@@ -595,7 +600,7 @@ def compare_targets(
     *,
     target_sets: dict[str, list[str]] = TARGET_SETS,
     seeds: Sequence[int] = SEEDS,
-    lrs: Sequence[float] = (1e-2,),
+    lrs: Sequence[float] = (1e-2, 3e-2),
     steps: int = 200,
 ) -> list[Tuned]:
     """LoRA on each target set at the rank budget_ranks gives it (alpha = 2 * rank).
@@ -622,12 +627,12 @@ def compare_targets(
     return results
 
 
-def targets_table(results: Sequence[Tuned]) -> str:
+def targets_table(results: Sequence[Tuned], target_sets: dict[str, list[str]] = TARGET_SETS) -> str:
     """compare_targets' results: rank, parameters, lr, and test loss and accuracy over seeds."""
     rows = [
         [
             t.name,
-            t.runs[0].label.split(",")[1].split()[-1],
+            t.runs[0].trainable // (2 * D_MODEL * len(target_sets[t.name])),
             t.runs[0].trainable,
             f"{t.lr:g}",
             t.spread("heldout_loss").format(".2f"),

@@ -1,5 +1,6 @@
 """lora_helpers.studies: the task, the runs behind notebooks 06 and 07, their sliders and plots."""
 
+import copy
 import math
 
 import matplotlib
@@ -11,8 +12,14 @@ import pytest
 import torch
 from torch import nn
 
-from lora_helpers import studies
-from lora_helpers.lora import LinearWithLoRA
+from lora_helpers import protocol, studies
+from lora_helpers.lora import (
+    LinearWithLoRA,
+    mark_only_lora_as_trainable,
+    replace_linear_with_lora,
+)
+
+QKVO = ("Q", "K", "V", "O")
 
 
 @pytest.fixture(autouse=True)
@@ -22,19 +29,34 @@ def close_figures():
 
 
 @pytest.fixture(scope="module")
-def base():
-    torch.set_num_threads(1)
+def base(one_thread):
     return studies.pretrained_model()
 
 
 @pytest.fixture(scope="module")
 def data():
     task = studies.Task(pairs=(0, 1, 2, 3), noise=0.2)
-    return studies.make_data(task, 32, seed=1), studies.make_data(task, 128, seed=2, clean=True)
+    return studies.make_splits(task, 32, n_val=64, n_test=128)
 
 
 def params(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def trainable(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+
+def count_lora_runs(monkeypatch) -> list[tuple]:
+    """Record the (rank, alpha, rule, seed) of every studies.lora_run call made through the module."""
+    calls, real = [], studies.lora_run
+
+    def counting(base, data, rank, alpha, **kwargs):
+        calls.append((rank, alpha, kwargs.get("rule", "alpha/r"), kwargs.get("seed", 0)))
+        return real(base, data, rank, alpha, **kwargs)
+
+    monkeypatch.setattr(studies, "lora_run", counting)
+    return calls
 
 
 # --- the task -------------------------------------------------------------------------------
@@ -65,6 +87,39 @@ def test_make_data_noise_only_in_training_data_and_seeded():
     assert torch.equal(studies.make_data(task, 2000, seed=3).y, noisy.y)
 
 
+def test_make_splits_sizes_and_fixed_seeds():
+    task = studies.Task(shift=2, pairs=(0, 5), noise=0.1)
+    splits = studies.make_splits(task, 40)
+    assert isinstance(splits, studies.Splits)
+    assert [len(d.x) for d in (splits.train, splits.val, splits.test)] == [40, 256, 1024]
+    small = studies.make_splits(task, 8, n_val=16, n_test=32)
+    assert [len(d.y) for d in (small.train, small.val, small.test)] == [8, 16, 32]
+    # the same data for a task, call after call: seeds 1, 3 and 2 (test clean)
+    for got, want in [
+        (splits.train, studies.make_data(task, 40, seed=1)),
+        (splits.val, studies.make_data(task, 256, seed=3)),
+        (splits.test, studies.make_data(task, 1024, seed=2, clean=True)),
+    ]:
+        assert torch.equal(got.x, want.x)
+        assert torch.equal(got.y, want.y)
+    # three different samples of sequences
+    assert not torch.equal(splits.train.x, splits.val.x[:40])
+    assert not torch.equal(splits.val.x, splits.test.x[:256])
+
+
+def test_make_splits_test_is_clean_and_validation_noisy_like_training():
+    task = studies.Task(pairs=(0, 1), noise=0.25)
+    splits = studies.make_splits(task, 2000, n_val=2000, n_test=2000)
+    truth = task.relabel()
+
+    def wrong(d: studies.Data) -> float:
+        return (d.y[:, 1:] != truth[d.x[:, :-1]]).float().mean().item()
+
+    assert wrong(splits.test) == 0.0
+    assert 0.2 < wrong(splits.train) < 0.25  # 25 % replaced, 1 in 16 by the right token
+    assert 0.2 < wrong(splits.val) < 0.25
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -83,6 +138,8 @@ def test_task_refuses_bad_settings(kwargs, message):
 def test_make_data_refuses_a_bad_size():
     with pytest.raises(ValueError, match="positive integer number of sequences"):
         studies.make_data(studies.PRETRAIN_TASK, 0, seed=0)
+    with pytest.raises(ValueError, match="positive integer number of sequences"):
+        studies.make_splits(studies.PRETRAIN_TASK, 0)
 
 
 def test_tiny_transformer_shapes_and_layer_sizes():
@@ -101,6 +158,8 @@ def test_pretrained_model_solves_its_task_and_is_frozen(base):
     assert loss < 0.05
     assert not any(p.requires_grad for p in base.parameters())
     assert not base.training
+    assert studies.DTYPE == torch.float64
+    assert all(p.dtype == studies.DTYPE for p in base.parameters())
 
 
 def test_module_names_and_unknown_names():
@@ -111,7 +170,66 @@ def test_module_names_and_unknown_names():
 
 def test_train_refuses_a_frozen_model(data):
     with pytest.raises(ValueError, match="no trainable parameters"):
-        studies.train(studies.TinyTransformer().requires_grad_(False), data[0], steps=1, lr=0.1)
+        studies.train(studies.TinyTransformer().requires_grad_(False), data.train, steps=1, lr=0.1)
+
+
+# --- training with early stopping -------------------------------------------------------------
+
+
+def test_train_without_validation_keeps_nothing(base, data):
+    model = copy.deepcopy(base)
+    model.head.weight.requires_grad_(True)
+    curves = studies.train(model, data.train, steps=5, lr=1e-2)
+    assert len(curves.train) == 5
+    assert curves.val == []
+    assert curves.best_state is None
+    assert curves.best_step == 5
+
+
+def test_keep_best_puts_back_the_parameters_of_the_best_step(base, data):
+    model = copy.deepcopy(base)
+    model.head.weight.requires_grad_(True)
+    curves = studies.train(model, data.train, steps=40, lr=0.1, val=data.val, eval_every=4)
+    assert [s for s, _ in curves.val] == [*range(0, 40, 4), 40]
+    best_loss = min(v for _, v in curves.val)
+    assert dict(curves.val)[curves.best_step] == best_loss
+    assert 0 < curves.best_step < 40  # a real choice: neither the start nor the end
+    (kept,) = curves.best_state
+    assert not torch.equal(kept, model.head.weight)  # the model ends elsewhere
+    assert kept is not model.head.weight
+    assert studies.keep_best(model, curves) is model
+    assert torch.equal(model.head.weight, kept)
+    assert studies.loss_and_accuracy(model, data.val)[0] == pytest.approx(best_loss, rel=1e-12)
+    with torch.no_grad():  # best_state is a copy, not a view of the live parameters
+        model.head.weight.zero_()
+    assert kept.abs().sum() > 0
+
+
+def test_lora_run_keeps_the_step_with_the_lowest_validation_loss(base, data):
+    steps = 60
+    run = studies.lora_run(base, data, rank=4, alpha=8, steps=steps, lr=3e-2, eval_every=5)
+    val = dict(run.curves.val)
+    assert list(val) == [*range(0, steps, 5), steps]
+    assert run.val_loss == min(val.values())
+    assert val[run.curves.best_step] == run.val_loss
+    assert 0 < run.curves.best_step < steps  # at these settings the run overfits before the end
+    # the returned model is the kept one: its losses are the run's numbers
+    assert studies.loss_and_accuracy(run.model, data.val)[0] == pytest.approx(
+        run.val_loss, rel=1e-12
+    )
+    loss, accuracy = studies.loss_and_accuracy(run.model, data.test)
+    assert (loss, accuracy) == (run.heldout_loss, run.heldout_accuracy)
+    assert studies.loss_and_accuracy(run.model, data.train)[0] == run.train_loss
+    assert not run.model.training
+    # last_heldout_loss: the same run trained to the end without stopping
+    model = copy.deepcopy(base)
+    torch.manual_seed(0)
+    replace_linear_with_lora(model, 4, 8, studies.module_names(QKVO))
+    mark_only_lora_as_trainable(model)
+    studies.train(model, data.train, steps=steps, lr=3e-2, seed=0)
+    last = studies.loss_and_accuracy(model.eval(), data.test)[0]
+    assert run.last_heldout_loss == pytest.approx(last, rel=1e-12)
+    assert run.last_heldout_loss != run.heldout_loss
 
 
 # --- LoRA runs, the slider and the sweeps (notebook 06) -----------------------------------------
@@ -119,20 +237,24 @@ def test_train_refuses_a_frozen_model(data):
 
 def test_lora_run_trains_a_copy_and_reports(base, data):
     before = params(base)
-    run = studies.lora_run(base, *data, rank=2, alpha=4, steps=12, eval_every=5)
+    run = studies.lora_run(base, data, rank=2, alpha=4, steps=12, eval_every=5)
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
     assert run.trainable == 4 * 2 * 64  # four 32 x 32 matrices, 2 * (32 + 32) each
-    assert len(run.train_curve) == 12
-    assert [step for step, _ in run.heldout_curve] == [0, 5, 10, 12]
-    assert math.isfinite(run.train_loss)
-    assert math.isfinite(run.heldout_loss)
-    assert run.heldout_loss < run.heldout_curve[0][1]  # training helped
+    assert all(p.dtype == studies.DTYPE for p in run.model.parameters())
+    assert len(run.curves.train) == 12
+    assert [step for step, _ in run.curves.val] == [0, 5, 10, 12]
+    assert run.lr == 1e-2
+    for value in (run.train_loss, run.val_loss, run.heldout_loss, run.last_heldout_loss):
+        assert math.isfinite(value)
+    assert 0 <= run.heldout_accuracy <= 1
+    assert run.val_loss < run.curves.val[0][1]  # training helped on validation data ...
+    assert run.heldout_loss < studies.loss_and_accuracy(base, data.test)[0]  # ... and test data
     assert run.label == "LoRA, rank 2, alpha 4, alpha/r"
 
 
 def test_lora_run_refuses_an_unknown_rule(base, data):
     with pytest.raises(ValueError, match="rule must be one of"):
-        studies.lora_run(base, *data, rank=2, alpha=4, rule="alpha", steps=1)
+        studies.lora_run(base, data, rank=2, alpha=4, rule="alpha", steps=1)
 
 
 def test_scaling_of():
@@ -143,43 +265,130 @@ def test_scaling_of():
 
 
 def test_rank_alpha_figure_is_the_slider_function(base, data):
-    fig = studies.rank_alpha_figure(base, *data, rank=16, alpha=8, rule="alpha/sqrt(r)")
+    fig = studies.rank_alpha_figure(base, data, rank=16, alpha=8, rule="alpha/sqrt(r)")
     (ax,) = fig.axes
     assert ax.get_title() == "scaling = alpha/sqrt(r) = 2"
-    assert len(ax.lines) == 2  # training and held-out curve
-    assert "held-out" in ax.get_legend().get_texts()[0].get_text()
+    assert len(ax.lines) == 3  # training curve, validation curve, kept step
+    assert "test" in ax.get_legend().get_texts()[0].get_text()
 
 
-def test_sweep_shapes_and_shared_runs(base, data):
-    sweeps = studies.sweep_rank_alpha(base, *data, ranks=[1, 4], alphas=[2, 4, 8], steps=4)
+def test_sweep_shapes_and_shared_runs(base, data, monkeypatch):
+    calls = count_lora_runs(monkeypatch)
+    sweeps = studies.sweep_rank_alpha(
+        base, data, ranks=[1, 4], alphas=[2, 4, 8], steps=4, seeds=(0, 1)
+    )
     assert [s.rule for s in sweeps] == list(studies.RULES)
     for sweep in sweeps:
-        assert sweep.train_loss.shape == sweep.heldout_loss.shape == (2, 3)
+        assert sweep.ranks == [1, 4]
+        assert sweep.alphas == [2.0, 4.0, 8.0]
+        assert sweep.train_loss.shape == sweep.heldout_loss.shape == (2, 2, 3)
         assert torch.isfinite(sweep.train_loss).all()
     by_r, by_sqrt = sweeps
-    assert torch.equal(by_r.train_loss[0], by_sqrt.train_loss[0])  # rank 1: the same runs
+    assert torch.equal(by_r.train_loss[:, 0], by_sqrt.train_loss[:, 0])  # rank 1: the same runs
     # rank 4: alpha 4 under alpha/sqrt(r) and alpha 8 under alpha/r both scale by 2, so the
     # sweep trains that run once; a separate run under alpha/sqrt(r) gives the same numbers
-    assert by_sqrt.heldout_loss[1, 1] == by_r.heldout_loss[1, 2]
+    assert torch.equal(by_sqrt.heldout_loss[:, 1, 1], by_r.heldout_loss[:, 1, 2])
+    assert torch.equal(by_sqrt.heldout_loss[:, 1, 0], by_r.heldout_loss[:, 1, 1])  # scaling 1
+    # per seed: 6 runs under alpha/r; alpha/sqrt(r) adds only rank 4, alpha 8 (scaling 4)
+    assert len(calls) == 2 * 7
+    assert len(set(calls)) == len(calls)
+    assert sorted(c for c in calls if c[2] == "alpha/sqrt(r)") == [
+        (4, 8, "alpha/sqrt(r)", 0),
+        (4, 8, "alpha/sqrt(r)", 1),
+    ]
+    monkeypatch.undo()
     run = studies.lora_run(
-        base, *data, rank=4, alpha=4, rule="alpha/sqrt(r)", steps=4, eval_every=4
+        base, data, rank=4, alpha=4, rule="alpha/sqrt(r)", steps=4, eval_every=4, seed=1
     )
-    assert run.heldout_loss == pytest.approx(by_sqrt.heldout_loss[1, 1].item(), rel=1e-6)
+    assert run.heldout_loss == pytest.approx(by_sqrt.heldout_loss[1, 1, 1].item(), rel=1e-6)
     fig = studies.plot_sweeps(sweeps)
     assert len([ax for ax in fig.axes if ax.images]) == 4
 
 
+def test_sweep_has_one_row_per_seed(base, data):
+    (sweep,) = studies.sweep_rank_alpha(
+        base, data, ranks=[2], alphas=[4], rules=["alpha/r"], steps=5, seeds=(3, 0)
+    )
+    assert sweep.heldout_loss.shape == (2, 1, 1)
+    for s, seed in enumerate((3, 0)):
+        run = studies.lora_run(base, data, rank=2, alpha=4, steps=5, seed=seed)
+        assert sweep.train_loss[s, 0, 0].item() == pytest.approx(run.train_loss, rel=1e-6)
+        assert sweep.heldout_loss[s, 0, 0].item() == pytest.approx(run.heldout_loss, rel=1e-6)
+    assert sweep.heldout_loss[0, 0, 0] != sweep.heldout_loss[1, 0, 0]  # seeds differ
+
+
+def test_sweep_uses_protocol_seeds_by_default(base, data, monkeypatch):
+    calls = count_lora_runs(monkeypatch)
+    (sweep,) = studies.sweep_rank_alpha(
+        base, data, ranks=[1], alphas=[2], rules=["alpha/r"], steps=1
+    )
+    assert sweep.train_loss.shape == (len(protocol.SEEDS), 1, 1)
+    assert [c[3] for c in calls] == list(protocol.SEEDS)
+
+
+def hand_sweep() -> studies.Sweep:
+    """Rank 1: alpha 2 clearly best; rank 4: alpha 1 best by its mean, alpha 3 within its spread."""
+    heldout = torch.tensor(
+        [  # (seeds, ranks, alphas)
+            [[2.0, 1.0, 3.0], [0.5, 0.9, 0.7]],
+            [[2.1, 1.1, 3.0], [0.6, 0.9, 0.4]],
+            [[2.2, 1.2, 3.0], [0.7, 0.9, 0.8]],
+        ],
+        dtype=torch.float64,
+    )
+    return studies.Sweep([1, 4], [1.0, 2.0, 3.0], "alpha/r", heldout + 1, heldout)
+
+
+def test_best_alphas_names_the_best_alpha_and_says_whether_it_is_clear():
+    assert studies.best_alphas(hand_sweep()) == [
+        "rank  1: best alpha 2, test loss 1.100 (1.000-1.200), clearly ahead of the next best, "
+        "alpha 1 (2.100 (2.000-2.200))",
+        "rank  4: best alpha 1, test loss 0.600 (0.500-0.700), within the spread of alpha 3 "
+        "(0.633 (0.400-0.800))",
+    ]
+
+
+def test_best_alphas_reads_test_loss_not_training_loss():
+    sweep = hand_sweep()
+    flipped = studies.Sweep(
+        sweep.ranks, sweep.alphas, sweep.rule, sweep.heldout_loss, -sweep.heldout_loss
+    )
+    assert "best alpha 3" in studies.best_alphas(flipped)[0]
+
+
 def test_fit_by_rank_shapes_and_plot(base, data):
-    fit = studies.fit_by_rank(base, *data, ranks=[1, 2], seeds=(0, 1, 2), steps=3)
-    assert fit.train_loss.shape == fit.heldout_loss.shape == (3, 2)
-    assert torch.isfinite(fit.heldout_loss).all()
+    fit = studies.fit_by_rank(base, data, ranks=[1, 2], seeds=(0, 1, 2), steps=3)
+    assert fit.ranks == [1, 2]
+    for grid in (fit.train_loss, fit.heldout_loss, fit.last_heldout_loss):
+        assert grid.shape == (3, 2)
+        assert torch.isfinite(grid).all()
     (ax,) = studies.plot_fit_by_rank(fit).axes
-    assert len(ax.lines) == 2 * (1 + 3)  # a mean line and one dot row per seed, twice
+    assert len(ax.containers) == 3  # test loss at the best step, after the last, training loss
+    assert len(ax.get_legend().get_texts()) == 3
+
+
+def test_fit_by_rank_rows_are_seeds_at_fixed_scaling(base, data):
+    fit = studies.fit_by_rank(base, data, ranks=[4], scaling=0.5, seeds=(2, 0), steps=12)
+    for s, seed in enumerate((2, 0)):
+        run = studies.lora_run(base, data, rank=4, alpha=2, steps=12, seed=seed)  # alpha = 0.5 r
+        assert fit.heldout_loss[s, 0].item() == pytest.approx(run.heldout_loss, rel=1e-6)
+        assert fit.last_heldout_loss[s, 0].item() == pytest.approx(run.last_heldout_loss, rel=1e-6)
+        assert fit.train_loss[s, 0].item() == pytest.approx(run.train_loss, rel=1e-6)
+    assert fit.heldout_loss[0, 0] != fit.heldout_loss[1, 0]
 
 
 def test_budget_ranks_spend_exactly_the_budget():
     ranks = studies.budget_ranks(768)
-    assert ranks == {"Q": 12, "K": 12, "V": 12, "O": 12, "Q+V": 6, "Q+K+V+O": 3, "attention+MLP": 2}
+    assert ranks == {
+        "Q": 12,
+        "K": 12,
+        "V": 12,
+        "O": 12,
+        "Q+K": 6,
+        "Q+V": 6,
+        "Q+K+V+O": 3,
+        "attention+MLP": 2,
+    }
     for name, rank in ranks.items():
         assert rank * len(studies.TARGET_SETS[name]) * 2 * studies.D_MODEL == 768
 
@@ -190,34 +399,51 @@ def test_budget_ranks_refuses_budgets_without_whole_ranks(budget):
         studies.budget_ranks(budget)
 
 
-def test_compare_targets_at_equal_budget(base, data):
+def test_compare_targets_at_equal_budget(base, data, monkeypatch):
+    calls = count_lora_runs(monkeypatch)
     sets = {"V": ["V"], "Q+V": ["Q", "V"]}
-    results = studies.compare_targets(base, *data, 256, target_sets=sets, seeds=(0, 1), steps=3)
-    assert [(r.name, r.rank, r.trainable) for r in results] == [("V", 4, 256), ("Q+V", 2, 256)]
-    assert all(len(r.heldout_loss) == 2 for r in results)
+    lrs = (1e-2, 3e-2)
+    results = studies.compare_targets(
+        base, data, 256, target_sets=sets, seeds=(0, 1), lrs=lrs, steps=3
+    )
+    assert all(isinstance(r, protocol.Tuned) for r in results)
+    assert [r.name for r in results] == ["V", "Q+V"]
+    assert len(calls) == 2 * (len(lrs) + 2 - 1)  # per set: the grid with seed 0, then seed 1
+    assert [c[:2] for c in calls[:3]] == [(4, 8), (4, 8), (4, 8)]  # V: rank 4, alpha 2 r
+    assert [c[:2] for c in calls[3:]] == [(2, 4), (2, 4), (2, 4)]  # Q+V: rank 2
+    for r in results:
+        assert r.lr in lrs
+        assert list(r.lr_scores) == list(lrs)
+        assert r.lr_scores[r.lr] == min(r.lr_scores.values())
+        assert len(r.runs) == 2
+        assert all(run.trainable == 256 and run.lr == r.lr for run in r.runs)
+        assert r.lr_scores[r.lr] == r.runs[0].val_loss  # the tuning run is reused for seed 0
+        assert r.runs[0].heldout_loss != r.runs[1].heldout_loss
     table = studies.targets_table(results).splitlines()
     assert len(table) == 4
-    assert table[2].split()[:3] == ["V", "4", "256"]
+    assert table[0].split()[:4] == ["adapted", "rank", "parameters", "lr"]
+    assert table[2].split()[:4] == ["V", "4", "256", f"{results[0].lr:g}"]
+    assert table[3].split()[:4] == ["Q+V", "2", "256", f"{results[1].lr:g}"]
 
 
-def test_format_table_aligns_columns():
-    assert (
-        studies.format_table(["a", "bb"], [[1, 2], [333, 4]])
-        == "  a  bb\n---  --\n  1   2\n333   4"
-    )
+def test_format_table_is_the_protocols():
+    assert studies.format_table is protocol.format_table
 
 
-def test_plot_runs_draws_two_lines_per_run(base, data):
-    runs = [studies.lora_run(base, *data, rank=r, alpha=r, steps=3) for r in (1, 2)]
+def test_plot_runs_draws_a_curve_pair_and_the_kept_step_per_run(base, data):
+    runs = [studies.lora_run(base, data, rank=r, alpha=r, steps=3) for r in (1, 2)]
     (ax,) = studies.plot_runs(runs).axes
-    assert len(ax.lines) == 4
+    assert len(ax.lines) == 6
+    dot = ax.lines[2]
+    assert list(dot.get_xdata()) == [runs[0].curves.best_step]
+    assert list(dot.get_ydata()) == [runs[0].val_loss]
 
 
 # --- intrinsic rank (notebook 07) ----------------------------------------------------------------
 
 
 def test_full_finetune_trains_only_the_weight_matrices(base, data):
-    run = studies.full_finetune_run(base, *data, targets=["V", "O"], steps=3)
+    run = studies.full_finetune_run(base, data, targets=["V", "O"], steps=3)
     assert run.trainable == 2 * 32 * 32
     deltas = studies.weight_deltas(base, run.model)
     assert set(deltas) == set(studies.LINEAR_NAMES)
@@ -250,14 +476,14 @@ def test_energy_and_best_rank_approx_hand_cases():
 
 
 def test_with_deltas_and_full_rank_truncation_restore_the_tuned_model(base, data):
-    run = studies.full_finetune_run(base, *data, steps=3)
+    run = studies.full_finetune_run(base, data, steps=3)
     deltas = studies.weight_deltas(base, run.model)
     rebuilt = studies.with_deltas(base, deltas)
-    x = data[1].x
-    assert torch.allclose(rebuilt(x), run.model(x), atol=1e-5)
-    (full_rank,) = studies.evaluate_truncated(base, deltas, data[1], [32])
-    assert full_rank[0] == pytest.approx(run.heldout_loss, rel=1e-4)
-    low = studies.evaluate_truncated(base, deltas, data[1], [1, 2])
+    x = data.test.x
+    assert torch.allclose(rebuilt(x), run.model(x), atol=1e-10)
+    (full_rank,) = studies.evaluate_truncated(base, deltas, data.test, [32])
+    assert full_rank[0] == pytest.approx(run.heldout_loss, rel=1e-9)
+    low = studies.evaluate_truncated(base, deltas, data.test, [1, 2])
     assert all(0 <= acc <= 1 for _, acc in low)
 
 
@@ -265,5 +491,11 @@ def test_spectra_and_loss_plots(base, data):
     d = {"V": torch.randn(32, 32), "O": torch.randn(32, 32)}
     left, right = studies.plot_spectra(d, mark=4).axes
     assert len(left.lines) == len(right.lines) == 3  # two layers and the marker
-    fig = studies.plot_loss_vs_rank([1, 2], {"a": [1.0, 0.5], "b": [0.8, 0.4]}, {"ref": 0.3})
-    assert len(fig.axes[0].lines) == 3
+    seeds = [protocol.spread([0.7, 0.9]), protocol.spread([0.3, 0.5])]
+    fig = studies.plot_loss_vs_rank([1, 2], {"a": [1.0, 0.5], "b": seeds}, {"ref": 0.3})
+    (ax,) = fig.axes
+    assert len(ax.containers) == 2  # one curve per entry, error bars where seeds were given
+    dashed = [line for line in ax.lines if line.get_linestyle() == "--"]
+    assert len(dashed) == 1
+    assert list(dashed[0].get_ydata()) == [0.3, 0.3]
+    assert {t.get_text() for t in ax.get_legend().get_texts()} == {"a", "b", "ref"}
