@@ -6,6 +6,7 @@ lora_helpers.plots draws them, and the sliders in the notebooks are thin shells 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -122,6 +123,66 @@ def lora_scaling(rank: int, alpha: float, rule: str = "alpha/rank") -> float:
     return alpha / math.sqrt(rank) if rule == "alpha/sqrt(rank)" else float(alpha)
 
 
+def lora_layer_arguments(rank: int, alpha: float, rule: str = "alpha/rank") -> tuple[float, bool]:
+    """The (alpha, rslora) to give lora.LoRALayer or LinearWithLoRA for the factor of `rule`.
+
+    The layers scale by alpha / rank (or alpha / sqrt(rank) with rslora=True); "alpha"
+    alone is alpha * rank in their alpha's place. Raises ValueError for an unknown rule.
+    """
+    lora_scaling(rank, alpha, rule)  # checks rank, alpha and rule
+    if rule == "alpha":
+        return float(alpha * rank), False
+    return float(alpha), rule == "alpha/sqrt(rank)"
+
+
+class BriefTraining(NamedTuple):
+    """What a few Adam steps did to a LoRALayer: the size of its update, the loss it removed."""
+
+    update_size: float  # ||scaling * (A @ B)||_F
+    loss_drop: float  # 1 - loss after / loss before: the fraction of the loss removed
+
+
+@functools.lru_cache(maxsize=4096)
+def brief_training(
+    rank: int,
+    alpha: float,
+    rule: str = "alpha/rank",
+    *,
+    in_dim: int = 64,
+    out_dim: int = 64,
+    steps: int = 10,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> BriefTraining:
+    """Train a LoRALayer (in_dim -> out_dim, B = 0 at the start) for `steps` Adam steps.
+
+    The task, a regression y = x @ W_target on 128 inputs, is drawn from `seed`, as is A;
+    the learning rate is the same for every rank, so only `rank`, `alpha` and the scaling
+    `rule` change the result. Runs in float64, deterministic, and cached (a slider that
+    comes back to a setting does not train again); leaves the global random state alone.
+    Raises ValueError for a bad rank, alpha, rule or steps.
+    """
+    _check_positive_int("steps", steps)
+    layer_alpha, rslora = lora_layer_arguments(rank, alpha, rule)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(128, in_dim, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(in_dim, out_dim, generator=g, dtype=torch.float64) / math.sqrt(in_dim)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        layer = LoRALayer(in_dim, out_dim, rank, layer_alpha, rslora=rslora, dtype=torch.float64)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = torch.nn.functional.mse_loss(layer(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        final = torch.nn.functional.mse_loss(layer(x), y).item()
+        return BriefTraining(layer.delta_weight().norm().item(), 1 - final / losses[0])
+
+
 def update_size_after_training(
     rank: int,
     alpha: float,
@@ -133,27 +194,7 @@ def update_size_after_training(
     lr: float = 1e-3,
     seed: int = 0,
 ) -> float:
-    """||scaling * (A @ B)||_F after `steps` Adam steps on a fixed regression task.
-
-    A LoRALayer (in_dim -> out_dim, starting at B = 0) is fitted to y = x @ W_target with
-    the same data, learning rate and seed for every rank, so only `rank`, `alpha` and the
-    scaling `rule` change the result. Deterministic; leaves the global random state alone.
-    """
-    _check_rule(rule)
-    _check_positive_int("steps", steps)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(128, in_dim, generator=g)
-    y = x @ torch.randn(in_dim, out_dim, generator=g) / math.sqrt(in_dim)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        # LoRALayer scales by alpha/rank; alpha * rank in its place gives "alpha" alone.
-        layer_alpha = alpha * rank if rule == "alpha" else alpha
-        layer = LoRALayer(in_dim, out_dim, rank, layer_alpha, rslora=rule == "alpha/sqrt(rank)")
-    optimizer = torch.optim.Adam(layer.parameters(), lr=lr)
-    for _ in range(steps):
-        loss = torch.nn.functional.mse_loss(layer(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        return layer.delta_weight().norm().item()
+    """||scaling * (A @ B)||_F after `steps` Adam steps: brief_training(...).update_size."""
+    return brief_training(
+        rank, alpha, rule, in_dim=in_dim, out_dim=out_dim, steps=steps, lr=lr, seed=seed
+    ).update_size

@@ -12,12 +12,7 @@ import torch
 from matplotlib import ticker
 from matplotlib.figure import Figure
 
-from .explore import (
-    SCALING_RULES,
-    lora_parameter_counts,
-    svd_relative_errors,
-    update_size_after_training,
-)
+from .explore import SCALING_RULES, brief_training, lora_parameter_counts, svd_relative_errors
 
 
 def plot_parameter_counts(d: int, k: int, rank: int) -> Figure:
@@ -67,33 +62,75 @@ def plot_svd_errors(matrices: Mapping[str, torch.Tensor], rank: int) -> Figure:
     return fig
 
 
+def _band(ax, x: Sequence[float], runs: Sequence[Sequence[float]], label: str, **style) -> str:
+    """The mean over runs as a line, smallest to largest as a shaded band; returns its colour."""
+    values = torch.tensor([list(map(float, run)) for run in runs], dtype=torch.float64)
+    (line,) = ax.plot(x, values.mean(0).tolist(), label=label, **style)
+    low, high = values.min(0).values.tolist(), values.max(0).values.tolist()
+    ax.fill_between(x, low, high, color=line.get_color(), alpha=0.25, linewidth=0)
+    return line.get_color()
+
+
 def plot_update_size(
-    rank: int, alpha: float, ranks: Sequence[int] = (1, 2, 4, 8, 16, 32, 64), steps: int = 10
+    rank: int,
+    alpha: float,
+    ranks: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
+    steps: int = 10,
+    seeds: Sequence[int] = (0, 1, 2),
 ) -> Figure:
-    """Size of the update after the same `steps` Adam steps, against rank, one curve per scaling rule."""
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    """What the same `steps` Adam steps do at each rank, one curve per scaling rule.
+
+    Left: the size of the update ||ΔW||; right: the fraction of the loss removed. Lines are
+    the mean over `seeds` (explore.brief_training), bands the smallest to largest; the
+    chosen `rank` is marked.
+    """
+    fig, (size_ax, drop_ax) = plt.subplots(1, 2, figsize=(9, 3.6))
     for rule in SCALING_RULES:
-        sizes = [update_size_after_training(r, alpha, rule, steps=steps) for r in ranks]
-        (line,) = ax.plot(ranks, sizes, "o-", markersize=3, label=f"scaling = {rule}")
-        ax.plot(
-            [rank],
-            [update_size_after_training(rank, alpha, rule, steps=steps)],
-            "o",
-            markersize=8,
-            color=line.get_color(),
-        )
-    ax.axvline(rank, color="grey", linestyle=":")
-    ax.set(
-        xlabel="rank r",
-        ylabel=f"‖ΔW‖ after {steps} Adam steps",
-        xscale="log",
-        yscale="log",
-        title=f"alpha = {alpha:g}: how far the same training moves the weights",
+        runs = {
+            r: [brief_training(r, alpha, rule, steps=steps, seed=s) for s in seeds]
+            for r in {*ranks, rank}
+        }
+        for ax, value, scale in ((size_ax, "update_size", 1), (drop_ax, "loss_drop", 100)):
+            per_seed = [
+                [scale * getattr(runs[r][i], value) for r in ranks] for i in range(len(seeds))
+            ]
+            color = _band(ax, ranks, per_seed, f"scaling = {rule}", marker="o", markersize=3)
+            at_rank = [scale * getattr(b, value) for b in runs[rank]]
+            ax.plot([rank], [sum(at_rank) / len(at_rank)], "o", markersize=8, color=color)
+    size_ax.set(ylabel=f"‖ΔW‖ after {steps} Adam steps", title="size of the update")
+    drop_ax.set(ylabel=f"% of the loss removed in {steps} steps", title="progress on the loss")
+    for ax in (size_ax, drop_ax):
+        ax.axvline(rank, color="grey", linestyle=":")
+        ax.set(xlabel="rank r", xscale="log", yscale="log")
+        ax.set_xticks(list(ranks), [str(r) for r in ranks])
+        ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+    size_ax.legend(fontsize=8)
+    fig.suptitle(
+        f"alpha = {alpha:g}, the same learning rate at every rank ({len(seeds)} seeds)", fontsize=10
     )
-    ax.set_xticks(list(ranks), [str(r) for r in ranks])
-    ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
-    ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
-    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+    fig.tight_layout()
+    return fig
+
+
+def plot_loss_spread(
+    curves: Mapping[str, Sequence[Sequence[float]]],
+    title: str,
+    *,
+    log: bool = True,
+    ylabel: str = "training loss",
+) -> Figure:
+    """Loss against step, one band per name: the mean over its runs (seeds), and their range.
+
+    curves: name -> one loss curve per run, all of the same length.
+    """
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for name, runs in curves.items():
+        if not runs or len({len(run) for run in runs}) != 1:
+            raise ValueError(f"{name!r}: give one or more loss curves of the same length.")
+        _band(ax, range(1, len(runs[0]) + 1), runs, f"{name} ({len(runs)} runs)")
+    ax.set(xlabel="step", ylabel=ylabel, title=title, yscale="log" if log else "linear")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

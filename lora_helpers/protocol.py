@@ -74,16 +74,25 @@ def clearly_lower(a: Spread, b: Spread) -> bool:
 
 
 def verdict(
-    a: Spread, b: Spread, name_a: str, name_b: str, quantity: str = "loss", fmt: str = ".3f"
+    a: Spread,
+    b: Spread,
+    name_a: str,
+    name_b: str,
+    quantity: str = "loss",
+    fmt: str = ".3f",
+    *,
+    higher_is_better: bool = False,
 ) -> str:
-    """One sentence comparing two spreads of a lower-is-better quantity, honest about overlap."""
-    if clearly_lower(a, b):
+    """One sentence comparing two spreads, honest about overlap (lower is better unless told)."""
+    word = "higher" if higher_is_better else "lower"
+    first, second = (b, a) if higher_is_better else (a, b)
+    if clearly_lower(first, second):
         return (
-            f"{name_a} has a lower {quantity} than {name_b} in every seed (ranges do not overlap)."
+            f"{name_a} has a {word} {quantity} than {name_b} in every seed (ranges do not overlap)."
         )
-    if clearly_lower(b, a):
+    if clearly_lower(second, first):
         return (
-            f"{name_b} has a lower {quantity} than {name_a} in every seed (ranges do not overlap)."
+            f"{name_b} has a {word} {quantity} than {name_a} in every seed (ranges do not overlap)."
         )
     return (
         f"{name_a} and {name_b} are within the spread of each other "

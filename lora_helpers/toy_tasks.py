@@ -3,18 +3,36 @@
 - Notebook 02: a frozen linear layer whose target differs from it by a low-rank change.
 - Notebook 03: a one-layer attention model pretrained to copy the token `offset` places
   back, then adapted (with LoRA on its attention) to copy from another offset.
+
+Both run in float64 by default: at their size it costs little, and round-off (which
+differs between CPUs, thread counts and torch versions) then stays far below the printed
+digits. Runs follow lora_helpers.protocol: they train on training data, keep the parameters
+of the step with the lowest validation loss (early stopping), and are reported on test data
+that picked nothing.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import MultiHeadAttention
+from .attention import MultiHeadAttention, add_lora_to_attention
+from .explore import lora_layer_arguments
+from .lora import LinearWithLoRA, mark_only_lora_as_trainable
+
+#: The toy tasks' dtype: float64 keeps round-off far below the printed digits.
+DTYPE = torch.float64
+#: Generator seeds of the copy task's validation and test sequences (training batches use
+#: the run's seed, a small number, so the three never share a stream).
+VALIDATION_SEED = 4321
+TEST_SEED = 1234
 
 
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -26,11 +44,87 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
+@dataclass
+class TrainingRun:
+    """What one training run saw.
+
+    losses: training loss of each step (before that step's update).
+    val_steps, val_losses: validation loss after that many steps (0: before training).
+    best_step, val_loss: the step with the lowest validation loss, and that loss; the
+    trained model holds the parameters of that step.
+    """
+
+    losses: list[float] = field(default_factory=list)
+    val_steps: list[int] = field(default_factory=list)
+    val_losses: list[float] = field(default_factory=list)
+    best_step: int = 0
+    val_loss: float = math.inf
+
+    @property
+    def peak_ratio(self) -> float:
+        """Highest training loss over the first one: above 1 means training overshot."""
+        return max(self.losses) / self.losses[0]
+
+
+def train_with_early_stopping(
+    params: Sequence[nn.Parameter],
+    training_loss: Callable[[], torch.Tensor],
+    validation_loss: Callable[[], float],
+    *,
+    steps: int,
+    lr: float,
+    eval_every: int = 1,
+) -> TrainingRun:
+    """Adam on `params` for `steps` steps, then back to the parameters of the best validation step.
+
+    training_loss() returns the (differentiable) loss of the next batch; validation_loss()
+    a float, evaluated before training and every `eval_every` steps (and after the last).
+    Raises ValueError for steps or eval_every below 1.
+    """
+    if steps < 1 or eval_every < 1:
+        raise ValueError(f"steps and eval_every must be at least 1, got {steps} and {eval_every}.")
+    params = list(params)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    run = TrainingRun()
+    best = [p.detach().clone() for p in params]
+
+    def validate(step: int) -> None:
+        with torch.no_grad():
+            loss = validation_loss()
+        run.val_steps.append(step)
+        run.val_losses.append(loss)
+        if loss < run.val_loss:  # a NaN loss is never the best
+            run.best_step, run.val_loss = step, loss
+            for kept, p in zip(best, params, strict=True):
+                kept.copy_(p.detach())
+
+    validate(0)
+    for step in range(1, steps + 1):
+        loss = training_loss()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        run.losses.append(loss.item())
+        if step % eval_every == 0 or step == steps:
+            validate(step)
+    with torch.no_grad():
+        for kept, p in zip(best, params, strict=True):
+            p.copy_(kept)
+    return run
+
+
+# --- Notebook 02: a frozen layer learns a low-rank change -----------------------------------
+
+
 class LowRankChangeTask(NamedTuple):
     base: nn.Linear  # the layer we start from (LinearWithLoRA freezes it)
     delta: torch.Tensor  # (out_dim, in_dim), the change of the target, rank `change_rank`
-    x: torch.Tensor  # (n_samples, in_dim)
+    x: torch.Tensor  # (n_samples, in_dim), training inputs
     y: torch.Tensor  # (n_samples, out_dim) = base(x) + x @ delta.T
+    x_val: torch.Tensor  # validation: picks learning rates and the step to keep
+    y_val: torch.Tensor
+    x_test: torch.Tensor  # test: reported, used for nothing else
+    y_test: torch.Tensor
 
 
 def low_rank_change_task(
@@ -40,8 +134,14 @@ def low_rank_change_task(
     *,
     n_samples: int = 512,
     seed: int = 0,
+    dtype: torch.dtype = DTYPE,
 ) -> LowRankChangeTask:
-    """A random nn.Linear(in_dim, out_dim) and targets from its weight plus a rank-`change_rank` change."""
+    """A random nn.Linear(in_dim, out_dim) and targets from its weight plus a rank-`change_rank` change.
+
+    Training, validation and test inputs are n_samples each, drawn independently.
+    Leaves the global random state alone; raises ValueError for a change_rank outside
+    1 .. min(in_dim, out_dim).
+    """
     if not 1 <= change_rank <= min(in_dim, out_dim):
         raise ValueError(
             f"change_rank must be from 1 to min(in_dim, out_dim) = {min(in_dim, out_dim)}, "
@@ -50,30 +150,89 @@ def low_rank_change_task(
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        base = nn.Linear(in_dim, out_dim)
-    delta = torch.randn(out_dim, change_rank, generator=g) @ torch.randn(
-        change_rank, in_dim, generator=g
+        base = nn.Linear(in_dim, out_dim, dtype=dtype)  # drawn in dtype, not cast to it
+    delta = torch.randn(out_dim, change_rank, generator=g, dtype=dtype) @ torch.randn(
+        change_rank, in_dim, generator=g, dtype=dtype
     )
     delta /= math.sqrt(change_rank * in_dim)  # entries of x @ delta.T have variance ~1
-    x = torch.randn(n_samples, in_dim, generator=g)
+    x, x_val, x_test = torch.randn(3, n_samples, in_dim, generator=g, dtype=dtype)
     with torch.no_grad():
-        y = base(x) + x @ delta.T
-    return LowRankChangeTask(base, delta, x, y)
+        y, y_val, y_test = (base(inputs) + inputs @ delta.T for inputs in (x, x_val, x_test))
+    return LowRankChangeTask(base, delta, x, y, x_val, y_val, x_test, y_test)
 
 
 def fit_regression(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int = 300, lr: float = 1e-2
-) -> list[float]:
-    """Full-batch Adam on the mean squared error of model(x) against y; returns the loss per step."""
-    optimizer = torch.optim.Adam(_trainable(model), lr=lr)
-    losses = []
-    for _ in range(steps):
-        loss = F.mse_loss(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    val: tuple[torch.Tensor, torch.Tensor],
+    steps: int = 300,
+    lr: float = 1e-2,
+) -> TrainingRun:
+    """Full-batch Adam on the mean squared error of model(x) against y, early-stopped on val.
+
+    x (n, in_dim), y (n, out_dim); val = (x_val, y_val) is scored after every step, and the
+    model ends with the parameters of the step with the lowest validation loss.
+    """
+    x_val, y_val = val
+    return train_with_early_stopping(
+        _trainable(model),
+        lambda: F.mse_loss(model(x), y),
+        lambda: F.mse_loss(model(x_val), y_val).item(),
+        steps=steps,
+        lr=lr,
+    )
+
+
+@dataclass
+class LoRAFit:
+    """One LoRA layer fitted to a LowRankChangeTask, at its best validation step.
+
+    test_loss: mean squared error on the test inputs; delta_error: ||ΔW - delta|| / ||delta||.
+    """
+
+    layer: LinearWithLoRA
+    run: TrainingRun
+    test_loss: float
+    delta_error: float
+
+    @property
+    def val_loss(self) -> float:
+        return self.run.val_loss
+
+    @property
+    def peak_ratio(self) -> float:
+        return self.run.peak_ratio
+
+
+def fit_lora(
+    task: LowRankChangeTask,
+    rank: int,
+    alpha: float,
+    *,
+    rule: str = "alpha/rank",
+    steps: int = 100,
+    lr: float = 1e-2,
+    seed: int = 0,
+) -> LoRAFit:
+    """Wrap a copy of task.base in LinearWithLoRA (A drawn from `seed`) and fit the change.
+
+    rule: how the update is scaled, one of explore.SCALING_RULES ("alpha/rank",
+    "alpha/sqrt(rank)", "alpha"). Leaves the global random state and task.base alone.
+    """
+    layer_alpha, rslora = lora_layer_arguments(rank, alpha, rule)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        layer = LinearWithLoRA(copy.deepcopy(task.base), rank, layer_alpha, rslora=rslora)
+    run = fit_regression(layer, task.x, task.y, val=(task.x_val, task.y_val), steps=steps, lr=lr)
+    with torch.no_grad():
+        test_loss = F.mse_loss(layer(task.x_test), task.y_test).item()
+        error = ((layer.lora.delta_weight() - task.delta).norm() / task.delta.norm()).item()
+    return LoRAFit(layer, run, test_loss, error)
+
+
+# --- Notebook 03: move where attention looks -------------------------------------------------
 
 
 class CopyModel(nn.Module):
@@ -83,13 +242,21 @@ class CopyModel(nn.Module):
     """
 
     def __init__(
-        self, vocab_size: int = 16, d_model: int = 32, context_length: int = 12, num_heads: int = 2
+        self,
+        vocab_size: int = 16,
+        d_model: int = 32,
+        context_length: int = 12,
+        num_heads: int = 2,
+        *,
+        dtype: torch.dtype = DTYPE,
     ) -> None:
         super().__init__()
-        self.tok_emb = nn.Embedding(vocab_size, d_model)
-        self.pos_emb = nn.Embedding(context_length, d_model)
-        self.att = MultiHeadAttention(d_model, d_model, context_length, 0.0, num_heads)
-        self.head = nn.Linear(d_model, vocab_size)
+        # Every weight is drawn in `dtype` (float32 draws cast to float64 would differ in
+        # their last bits between CPUs).
+        self.tok_emb = nn.Embedding(vocab_size, d_model, dtype=dtype)
+        self.pos_emb = nn.Embedding(context_length, d_model, dtype=dtype)
+        self.att = MultiHeadAttention(d_model, d_model, context_length, 0.0, num_heads, dtype=dtype)
+        self.head = nn.Linear(d_model, vocab_size, dtype=dtype)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(idx.shape[1], device=idx.device)
@@ -110,6 +277,14 @@ def copy_batch(
     return idx, targets
 
 
+def _copy_data(
+    model: CopyModel, n_sequences: int, offset: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    vocab_size, context_length = model.tok_emb.num_embeddings, model.pos_emb.num_embeddings
+    g = torch.Generator().manual_seed(seed)
+    return copy_batch(n_sequences, offset, vocab_size, context_length, g)
+
+
 def _copy_loss(model: CopyModel, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(model(idx).flatten(0, 1), targets.flatten(), ignore_index=-100)
 
@@ -122,31 +297,84 @@ def train_copy_task(
     lr: float = 1e-2,
     batch_size: int = 64,
     seed: int = 0,
-) -> list[float]:
-    """Adam on the trainable parameters to copy the token `offset` places back; loss per step."""
-    optimizer = torch.optim.Adam(_trainable(model), lr=lr)
+    eval_every: int = 10,
+    val_sequences: int = 256,
+) -> TrainingRun:
+    """Adam on the trainable parameters to copy the token `offset` places back, early-stopped.
+
+    Training batches are fresh random sequences from generator `seed`; the validation loss
+    is measured every `eval_every` steps on `val_sequences` sequences from VALIDATION_SEED,
+    and the model ends with the parameters of its best validation step.
+    """
     vocab_size, context_length = model.tok_emb.num_embeddings, model.pos_emb.num_embeddings
     g = torch.Generator().manual_seed(seed)
-    losses = []
-    for _ in range(steps):
-        loss = _copy_loss(model, *copy_batch(batch_size, offset, vocab_size, context_length, g))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
+    val_data = _copy_data(model, val_sequences, offset, VALIDATION_SEED)
+    return train_with_early_stopping(
+        _trainable(model),
+        lambda: _copy_loss(model, *copy_batch(batch_size, offset, vocab_size, context_length, g)),
+        lambda: _copy_loss(model, *val_data).item(),
+        steps=steps,
+        lr=lr,
+        eval_every=eval_every,
+    )
+
+
+@torch.no_grad()
+def copy_loss(
+    model: CopyModel, offset: int, *, n_sequences: int = 500, seed: int = TEST_SEED
+) -> float:
+    """Cross-entropy of predicting the token `offset` back, on n_sequences from generator `seed`."""
+    return _copy_loss(model, *_copy_data(model, n_sequences, offset, seed)).item()
 
 
 @torch.no_grad()
 def copy_accuracy(
-    model: CopyModel, offset: int, *, n_sequences: int = 500, seed: int = 1234
+    model: CopyModel, offset: int, *, n_sequences: int = 500, seed: int = TEST_SEED
 ) -> float:
     """Fraction of positions (with a token `offset` back) where the model predicts that token."""
-    vocab_size, context_length = model.tok_emb.num_embeddings, model.pos_emb.num_embeddings
-    g = torch.Generator().manual_seed(seed)
-    idx, targets = copy_batch(n_sequences, offset, vocab_size, context_length, g)
+    idx, targets = _copy_data(model, n_sequences, offset, seed)
     scored = targets != -100
-    return (model(idx).argmax(-1)[scored] == targets[scored]).float().mean().item()
+    return (model(idx).argmax(-1)[scored] == targets[scored]).double().mean().item()
+
+
+@dataclass
+class CopyAdaptation:
+    """A pretrained CopyModel adapted with LoRA on attention, at its best validation step."""
+
+    model: CopyModel
+    run: TrainingRun
+    test_loss: float
+    test_accuracy: float
+
+    @property
+    def val_loss(self) -> float:
+        return self.run.val_loss
+
+
+def adapt_copy_model(
+    pretrained: CopyModel,
+    which: str,
+    rank: int,
+    *,
+    offset: int = 2,
+    steps: int = 300,
+    lr: float = 1e-2,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> CopyAdaptation:
+    """Adapt a frozen copy of `pretrained` to copy from `offset` back, with LoRA on attention.
+
+    which: the projections to adapt ("qv", "qkvo", ...; see attention.add_lora_to_attention),
+    each at `rank` with alpha = 2 * rank. `seed` draws the LoRA A matrices and the training
+    batches; the run is early-stopped on validation data and scored on the test set
+    (copy_loss, copy_accuracy). `pretrained` is left alone.
+    """
+    model = copy.deepcopy(pretrained)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mark_only_lora_as_trainable(add_lora_to_attention(model, which, rank=rank, alpha=2 * rank))
+    run = train_copy_task(model, offset, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+    return CopyAdaptation(model, run, copy_loss(model, offset), copy_accuracy(model, offset))
 
 
 @torch.no_grad()
@@ -166,7 +394,7 @@ def attention_weights(att: MultiHeadAttention, x: torch.Tensor) -> torch.Tensor:
 
 
 def copy_attention_pattern(
-    model: CopyModel, *, n_sequences: int = 200, seed: int = 1234
+    model: CopyModel, *, n_sequences: int = 200, seed: int = TEST_SEED
 ) -> torch.Tensor:
     """Attention weights of `model` averaged over random sequences: (heads, tokens, tokens)."""
     g = torch.Generator().manual_seed(seed)

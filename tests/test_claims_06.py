@@ -28,8 +28,8 @@ def noisy():
 
 @pytest.fixture(scope="module")
 def fit(base, noisy):
-    """The notebook's fit against rank (ranks 2-16, alpha = 2r, 200 steps, lr 1e-2, seeds 0-2)."""
-    return studies.fit_by_rank(base, noisy, ranks=[2, 4, 8, 16], scaling=2.0, steps=200)
+    """The notebook's fit against rank (ranks 2, 4, 8, alpha = 2r, 200 steps, lr 1e-2, seeds 0-2)."""
+    return studies.fit_by_rank(base, noisy, ranks=[2, 4, 8], scaling=2.0, steps=200)
 
 
 def at_rank(fit: studies.RankFit, rank: int, which: str = "heldout_loss") -> protocol.Spread:
@@ -38,12 +38,10 @@ def at_rank(fit: studies.RankFit, rank: int, which: str = "heldout_loss") -> pro
 
 @pytest.fixture(scope="module")
 def targets(base):
-    """The notebook's target comparison (SHIFT_RENAME_TASK, 256 sequences, budget 768, lrs
-    1e-2 and 3e-2, seeds 0-2), shrunk: 60 steps instead of 150, and only the sets Q, K, V, O,
-    Q+K and Q+V. The relations the tests below assert also hold at the notebook's 150 steps."""
-    sets = {name: studies.TARGET_SETS[name] for name in ("Q", "K", "V", "O", "Q+K", "Q+V")}
+    """The notebook's target comparison as it is: SHIFT_RENAME_TASK, 256 sequences, budget 768,
+    every target set, lrs 3e-3 and 1e-2, 80 steps, seeds 0-2."""
     data = studies.make_splits(studies.SHIFT_RENAME_TASK, 256)
-    results = studies.compare_targets(base, data, 768, target_sets=sets, lrs=(1e-2, 3e-2), steps=60)
+    results = studies.compare_targets(base, data, 768, lrs=(3e-3, 1e-2), steps=80)
     return {t.name: t for t in results}
 
 
@@ -61,49 +59,44 @@ def test_low_rank_underfits_rank_4_beats_rank_2_in_every_seed(fit):
 def test_training_too_long_overfits_from_rank_4_up(fit):
     """(b) "From rank 4 up, the test loss after the last step is above that of the kept step in
     every seed", compared seed by seed."""
-    for rank in (4, 8, 16):
+    for rank in (4, 8):
         i = fit.ranks.index(rank)
         best, last = fit.heldout_loss[:, i], fit.last_heldout_loss[:, i]
         assert (last > best).all(), f"rank {rank}: best {best.tolist()}, last {last.tolist()}"
 
 
-def test_overtraining_costs_more_at_ranks_8_and_16_than_at_rank_4(fit):
-    """(b') "The damage is larger at ranks 8 and 16 than at rank 4, yet after the last step
-    rank 4 and rank 16 are still within the spread of each other"."""
+def test_overtraining_costs_more_at_rank_8_than_at_rank_4(fit):
+    """(b') "The damage is larger at rank 8 than at rank 4, and after the last step rank 4 beats
+    rank 8 in every seed"."""
     damage = (fit.last_heldout_loss - fit.heldout_loss).mean(0)
-    at = {r: damage[fit.ranks.index(r)].item() for r in (4, 8, 16)}
-    assert at[4] < at[8], at
-    assert at[4] < at[16], at
-    last_4, last_16 = at_rank(fit, 4, "last_heldout_loss"), at_rank(fit, 16, "last_heldout_loss")
-    assert not protocol.clearly_lower(last_4, last_16)
-    assert not protocol.clearly_lower(last_16, last_4)
+    assert damage[fit.ranks.index(4)] < damage[fit.ranks.index(8)], damage
+    last_4, last_8 = at_rank(fit, 4, "last_heldout_loss"), at_rank(fit, 8, "last_heldout_loss")
+    assert protocol.clearly_lower(last_4, last_8), (last_4, last_8)
 
 
-def test_with_early_stopping_more_rank_does_not_hurt(fit):
-    """(c) "At their best validation step ... rank 16 is below rank 8 in every seed, the other
-    pairs (8 and 4, 16 and 4) are within the spread"."""
-    best = {r: at_rank(fit, r) for r in (4, 8, 16)}
-    assert protocol.clearly_lower(best[16], best[8]), best
-    for a, b in [(8, 4), (16, 4)]:
-        assert not protocol.clearly_lower(best[a], best[b]), (a, b, best)
-        assert not protocol.clearly_lower(best[b], best[a]), (a, b, best)
+def test_with_early_stopping_ranks_4_and_8_are_within_the_spread(fit):
+    """(c) "At their best validation step, ranks 4 and 8 are within the spread of each other"."""
+    best_4, best_8 = at_rank(fit, 4), at_rank(fit, 8)
+    assert not protocol.clearly_lower(best_4, best_8), (best_4, best_8)
+    assert not protocol.clearly_lower(best_8, best_4), (best_4, best_8)
 
 
 # --- which matrices at a fixed budget -------------------------------------------------------
 
 
-def test_q_and_v_together_beat_q_v_and_qk_beyond_the_spread(targets):
-    """(d) "W_q and W_v together at rank 6 do better than any single matrix and than {W_q, W_k},
-    in every seed". Shrunk to 60 steps (see the `targets` fixture)."""
-    loss = {name: t.spread("heldout_loss") for name, t in targets.items()}
-    for other in ("Q", "V", "Q+K", "K", "O"):  # the printout's three, and the other singles
-        assert protocol.clearly_lower(loss["Q+V"], loss[other]), (other, loss["Q+V"], loss[other])
+def test_q_and_v_together_get_furthest_in_every_seed(targets):
+    """(d) "W_q and W_v together at rank 6 get furthest: a higher test accuracy than every other
+    set, in every seed" (all four matrices and attention + MLP included)."""
+    accuracy = {name: t.spread("heldout_accuracy") for name, t in targets.items()}
+    for other, spread in accuracy.items():
+        if other != "Q+V":
+            assert protocol.clearly_lower(spread, accuracy["Q+V"]), (other, spread, accuracy["Q+V"])
 
 
 def test_single_matrices_stay_far_from_solving_the_task(targets, base):
     """(d') "One matrix is not enough, however high its rank, and neither is {W_q, W_k}: they
-    reach about a third of the positions (W_q, W_k) or no more than the pretrained model
-    (W_v, W_o)". Shrunk to 60 steps (see the `targets` fixture)."""
+    reach a quarter to a third of the positions (W_q, W_k, {W_q, W_k}) or about as many as the
+    pretrained model (W_v, W_o)"."""
     accuracy = {name: t.spread("heldout_accuracy") for name, t in targets.items()}
     for name in ("Q", "K", "Q+K"):
         assert 0.2 < accuracy[name].low <= accuracy[name].high < 0.45, (name, accuracy[name])

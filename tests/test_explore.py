@@ -8,7 +8,10 @@ import torch
 
 from lora_helpers.explore import (
     SCALING_RULES,
+    BriefTraining,
     ParameterComparison,
+    brief_training,
+    lora_layer_arguments,
     lora_parameter_counts,
     lora_scaling,
     low_rank_plus_noise,
@@ -16,6 +19,7 @@ from lora_helpers.explore import (
     truncated_svd,
     update_size_after_training,
 )
+from lora_helpers.lora import LoRALayer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -137,12 +141,30 @@ def test_lora_scaling():
         lora_scaling(0, 8)
 
 
-def test_update_size_is_deterministic_and_leaves_the_global_rng_alone():
+@pytest.mark.parametrize("rule", SCALING_RULES)
+@pytest.mark.parametrize("rank", [1, 4, 16])
+def test_lora_layer_arguments_give_the_rules_factor(rule, rank):
+    alpha, rslora = lora_layer_arguments(rank, 8, rule)
+    assert LoRALayer(64, 64, rank, alpha, rslora=rslora).scaling == lora_scaling(rank, 8, rule)
+
+
+def test_lora_layer_arguments_reject_an_unknown_rule():
+    with pytest.raises(ValueError, match="Unknown scaling rule 'alpha\\*rank'"):
+        lora_layer_arguments(4, 8, "alpha*rank")
+
+
+def test_brief_training_is_deterministic_and_leaves_the_global_rng_alone():
     state = torch.random.get_rng_state()
-    first = update_size_after_training(4, 8)
+    train = brief_training.__wrapped__  # the function itself, without the cache
+    first = train(4, 8)
     assert torch.equal(torch.random.get_rng_state(), state)
-    assert update_size_after_training(4, 8) == first
-    assert first > 0
+    assert train(4, 8) == first
+    assert isinstance(first, BriefTraining)
+    assert first.update_size > 0
+    assert 0 < first.loss_drop < 1
+    assert train(4, 8, seed=1) != first
+    assert update_size_after_training(4, 8) == first.update_size
+    assert brief_training(4, 8) is brief_training(4, 8)  # cached
 
 
 def test_update_size_depends_on_rank_as_each_rule_says():

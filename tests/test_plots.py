@@ -8,9 +8,10 @@ import matplotlib.pyplot as plt
 import pytest
 import torch
 
-from lora_helpers.explore import lora_parameter_counts, svd_relative_errors
+from lora_helpers.explore import brief_training, lora_parameter_counts, svd_relative_errors
 from lora_helpers.plots import (
     plot_attention_patterns,
+    plot_loss_spread,
     plot_losses,
     plot_parameter_counts,
     plot_svd_errors,
@@ -49,16 +50,37 @@ def test_plot_svd_errors_draws_one_curve_per_matrix():
     assert ax.get_title() == "best rank-2 approximation (truncated SVD)"
 
 
-def test_plot_update_size_draws_the_three_rules():
-    fig = plot_update_size(rank=4, alpha=8, ranks=(1, 4, 16), steps=3)
-    (ax,) = fig.axes
-    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+def test_plot_update_size_draws_the_three_rules_with_their_spread():
+    fig = plot_update_size(rank=4, alpha=8, ranks=(1, 4, 16), steps=3, seeds=(0, 1))
+    size_ax, drop_ax = fig.axes
+    labels = [t.get_text() for t in size_ax.get_legend().get_texts()]
     assert labels == [
         "scaling = alpha/rank",
         "scaling = alpha/sqrt(rank)",
         "scaling = alpha",
     ]
-    assert ax.get_ylabel() == "‖ΔW‖ after 3 Adam steps"
+    assert size_ax.get_ylabel() == "‖ΔW‖ after 3 Adam steps"
+    assert drop_ax.get_ylabel() == "% of the loss removed in 3 steps"
+    # the first line is the mean over the seeds of alpha/rank; a band spans the seeds
+    runs = [
+        [brief_training(r, 8, "alpha/rank", steps=3, seed=s) for r in (1, 4, 16)] for s in (0, 1)
+    ]
+    means = [(a.update_size + b.update_size) / 2 for a, b in zip(*runs, strict=True)]
+    assert list(size_ax.get_lines()[0].get_ydata()) == pytest.approx(means)
+    assert len(size_ax.collections) == len(drop_ax.collections) == 3
+
+
+def test_plot_loss_spread_draws_the_mean_and_the_range():
+    fig = plot_loss_spread({"a": [[1.0, 0.5], [3.0, 1.5]]}, "title")
+    (ax,) = fig.axes
+    assert list(ax.get_lines()[0].get_ydata()) == [2.0, 1.0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a (2 runs)"]
+    (band,) = ax.collections
+    vertices = band.get_paths()[0].vertices[:, 1]
+    assert min(vertices) == 0.5
+    assert max(vertices) == 3.0
+    with pytest.raises(ValueError, match="one or more loss curves of the same length"):
+        plot_loss_spread({"b": [[1.0], [1.0, 2.0]]}, "t")
 
 
 def test_plot_losses():
