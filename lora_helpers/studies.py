@@ -483,7 +483,11 @@ def best_alphas(sweep: Sweep) -> list[str]:
         line = f"rank {rank:>2}: best alpha {sweep.alphas[order[0]]:g}, test loss {best.format()}"
         if len(order) > 1:
             second = spread(grid[:, order[1]].tolist())
-            ahead = "clearly ahead of" if clearly_lower(best, second) else "within the spread of"
+            ahead = (
+                "clearly ahead of the next best,"
+                if clearly_lower(best, second)
+                else "within the spread of"
+            )
             line += f", {ahead} alpha {sweep.alphas[order[1]]:g} ({second.format()})"
         lines.append(line)
     return lines

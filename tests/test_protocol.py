@@ -172,7 +172,23 @@ def test_tune_refuses_an_empty_grid_or_no_seeds():
 def test_tuned_grid_marks_the_pick():
     trainer = FakeTrainer({1e-2: 0.5, 3e-2: 0.25})
     tuned = protocol.tune("Q+V", trainer, lrs=(1e-2, 3e-2), seeds=(0,))
-    assert tuned.grid() == "Q+V: validation loss by learning rate  0.01: 0.500  0.03: 0.250*"
+    assert tuned.grid() == (
+        "Q+V: validation loss by learning rate  0.01: 0.500  0.03: 0.250*  (the largest tried)"
+    )
+    inside = protocol.tune(
+        "Q+V", FakeTrainer({1e-2: 0.5, 3e-2: 0.25, 1e-1: 0.9}), (1e-2, 3e-2, 1e-1)
+    )
+    assert inside.grid().endswith("0.03: 0.250*  0.1: 0.900")  # not flagged inside the grid
+
+
+def test_verdict_for_a_higher_is_better_quantity():
+    high, low = protocol.spread([0.9, 0.95]), protocol.spread([0.5, 0.6])
+    assert protocol.verdict(high, low, "A", "B", "accuracy", higher_is_better=True) == (
+        "A has a higher accuracy than B in every seed (ranges do not overlap)."
+    )
+    assert protocol.verdict(low, high, "B", "A", "accuracy", higher_is_better=True) == (
+        "A has a higher accuracy than B in every seed (ranges do not overlap)."
+    )
 
 
 # --- tables ---------------------------------------------------------------------------------
