@@ -9,6 +9,8 @@ assets     the one place that downloads and caches files (checksums, atomic writ
 gpt2       GPT-2 from scratch, its weights, tokenizer, generation, classifier head
 data       the SMS Spam Collection and the tiny offline dataset, as DataLoaders
 train      device choice, the fine-tuning loop and its measurements
+baselines  majority class, length rule and bag of words for the spam data
+protocol   several seeds, each method at its own learning rate, verdicts outside the spread
 adapters   save, load, merge, swap and combine LoRA adapters
 studies    the tiny transformer behind notebooks 06-07: rank, alpha, targets, intrinsic rank
 dora       DoRA from scratch

@@ -7,19 +7,21 @@ Modes (set up by `setup_mode`):
 
 `run_mode` trains one mode on a copy of a base model and measures what the LoRA
 articles claim: trainable parameters, peak accelerator memory, time per epoch,
-checkpoint size on disk, and accuracy.
+checkpoint size on disk, and accuracy. `tune_mode` runs one mode under the series'
+protocol (lora_helpers.protocol): learning rate picked on validation data, several seeds.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
 import random
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,6 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from . import protocol
 from .adapters import save_adapter
 from .assets import data_dir
 from .data import LABELS, Loaders, encode
@@ -107,8 +110,9 @@ def setup_mode(
 
 @dataclass
 class History:
-    """What one training run saw: loss and accuracy on a few train and val batches at each
-    evaluation, and where the epochs ended."""
+    """What one training run saw at each evaluation: the mean loss and accuracy of the
+    training batches since the previous evaluation, the loss and accuracy on the validation
+    split; and where the epochs ended."""
 
     steps: list[int] = field(default_factory=list)  # optimizer step of each evaluation
     train_loss: list[float] = field(default_factory=list)
@@ -119,11 +123,24 @@ class History:
     steps_done: int = 0
     steps_per_epoch: int = 0
     train_seconds: float = 0.0  # optimizer steps only, evaluations excluded
+    kept_step: int = 0  # the step whose weights the model ends with (best or last)
 
     @property
     def seconds_per_epoch(self) -> float:
         """Training time scaled to one full pass over the training loader."""
         return self.train_seconds * self.steps_per_epoch / max(self.steps_done, 1)
+
+    @property
+    def best_val_loss(self) -> float:
+        """The lowest validation loss of any evaluation (inf before the first one)."""
+        return min(self.val_loss, default=math.inf)
+
+    @property
+    def best_step(self) -> int:
+        """The step of the evaluation with the lowest validation loss (the earliest, on ties)."""
+        if not self.val_loss:
+            raise ValueError("No evaluation yet: train for at least one step first.")
+        return self.steps[self.val_loss.index(self.best_val_loss)]
 
 
 def _autocast(device: torch.device):
@@ -173,7 +190,8 @@ def train_classifier(
     weight_decay: float = 0.1,
     max_steps: int | None = None,
     eval_every: int = 50,
-    eval_batches: int = 5,
+    eval_batches: int | None = 5,
+    keep_best: bool = False,
     grad_clip: float | None = 1.0,
     seed: int = 123,
     progress: bool = True,
@@ -181,7 +199,10 @@ def train_classifier(
     """Train `model` (on `device`) with AdamW on the last-token cross-entropy; returns its History.
 
     Batches are (ids (batch, tokens), labels (batch,)). Every `eval_every` steps (and at the
-    end) the loss and accuracy on `eval_batches` train and val batches are recorded.
+    end) History records the mean loss and accuracy of the training batches since the last
+    evaluation and the loss and accuracy on `eval_batches` validation batches (None: all).
+    keep_best=True (early stopping) ends with the weights of the evaluation with the lowest
+    validation loss instead of the last ones.
     A NaN loss or running out of memory stops with a TrainingStopped that says what to change.
     """
     params = [p for p in model.parameters() if p.requires_grad]
@@ -195,10 +216,12 @@ def train_classifier(
     if train_loader.generator is not None:  # the same batches in the same order on every run
         train_loader.generator.manual_seed(seed)
     model.to(device).train()
-    optimizer = torch.optim.AdamW(
-        params, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda"
+    optimizer = torch.optim.AdamW(  # fused: one kernel for all parameters (CUDA, CPU)
+        params, lr=lr, weight_decay=weight_decay, fused=device.type in ("cuda", "cpu")
     )
     history = History(steps_per_epoch=len(train_loader))
+    best_state: list[torch.Tensor] | None = None
+    seen_loss, seen_correct, seen = 0.0, 0, 0  # training batches since the last evaluation
     total = (
         epochs * len(train_loader)
         if max_steps is None
@@ -213,23 +236,34 @@ def train_classifier(
             for ids, labels in train_loader:
                 if step == total:
                     break
-                loss = _train_step(model, optimizer, params, ids, labels, device, grad_clip)
+                loss, correct = _train_step(
+                    model, optimizer, params, ids, labels, device, grad_clip
+                )
                 if not math.isfinite(loss):
                     raise TrainingStopped(
                         f"The loss became {loss} at step {step + 1}: lower the learning rate "
                         f"(it is {lr:g}; try {lr / 10:g}) or keep gradient clipping on."
                     )
                 step += 1
+                seen_loss, seen_correct, seen = (
+                    seen_loss + loss * len(labels),
+                    seen_correct + correct,
+                    seen + len(labels),
+                )
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}")
                 if step % eval_every == 0 or step == total:
                     _sync(device)
                     history.train_seconds += time.perf_counter() - started
                     history.steps.append(step)
-                    for name, loader in (("train", train_loader), ("val", val_loader)):
-                        loss_value, accuracy = evaluate(model, loader, device, eval_batches)
-                        getattr(history, f"{name}_loss").append(loss_value)
-                        getattr(history, f"{name}_acc").append(accuracy)
+                    history.train_loss.append(seen_loss / seen)
+                    history.train_acc.append(seen_correct / seen)
+                    seen_loss, seen_correct, seen = 0.0, 0, 0
+                    val_loss, val_acc = evaluate(model, val_loader, device, eval_batches)
+                    if keep_best and val_loss < history.best_val_loss:
+                        best_state = [p.detach().clone() for p in params]
+                    history.val_loss.append(val_loss)
+                    history.val_acc.append(val_acc)
                     started = time.perf_counter()
             _sync(device)
             history.train_seconds += time.perf_counter() - started
@@ -247,19 +281,27 @@ def train_classifier(
         raise _out_of_memory(device, train_loader) from None
     finally:
         bar.close()
+    history.kept_step = step
+    if best_state is not None:
+        with torch.no_grad():
+            for param, best in zip(params, best_state, strict=True):
+                param.copy_(best)
+        history.kept_step = history.best_step
     return history
 
 
-def _train_step(model, optimizer, params, ids, labels, device, grad_clip) -> float:
+def _train_step(model, optimizer, params, ids, labels, device, grad_clip) -> tuple[float, int]:
+    """One optimizer step on a batch; returns its (mean loss, number of correct predictions)."""
     ids, labels = ids.to(device), labels.to(device)
     with _autocast(device):
-        loss = F.cross_entropy(classify_logits(model, ids).float(), labels)
+        logits = classify_logits(model, ids).float()
+    loss = F.cross_entropy(logits, labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
     optimizer.step()
-    return loss.item()
+    return loss.item(), int((logits.argmax(-1) == labels).sum())
 
 
 def _out_of_memory(device: torch.device, loader: DataLoader) -> TrainingStopped:
@@ -288,8 +330,18 @@ class Recipe:
     max_length: int | None = None  # None: the longest training message
     sizes: tuple[int, int, int] | None = None  # (train, val, test) rows; None: all
     eval_every: int = 50
-    eval_batches: int = 5
+    eval_batches: int | None = 5  # validation batches per evaluation; None: all
     quick: bool = False
+    # The protocol (lora_helpers.protocol) that tune_mode follows:
+    lr_grid: dict[str, tuple[float, ...]] | None = None  # tried per mode; None: `lr` only
+    seeds: tuple[int, ...] = (123,)
+    keep_best: bool = False  # score each run at its best validation step (early stopping)
+
+    def grid(self, mode: str) -> tuple[float, ...]:
+        """The learning rates tune_mode tries for `mode`: lr_grid[mode], or just lr[mode]."""
+        if mode not in self.lr:
+            raise ValueError(f"The recipe has no learning rate for {mode!r}; use one of {MODES}.")
+        return (self.lr[mode],) if self.lr_grid is None else tuple(self.lr_grid[mode])
 
     def describe(self) -> str:
         rows = (
@@ -304,17 +356,43 @@ class Recipe:
         )
         lrs = ", ".join(f"{m} {lr:g}" for m, lr in self.lr.items())
         where = "" if self.targets is None else f" on {', '.join(self.targets)}"
+        seeds = ", ".join(map(str, self.seeds))
+        if self.lr_grid is None:
+            runs = f"one learning rate per mode, seed(s) {seeds}"
+        else:
+            grids = "; ".join(
+                f"{m} {', '.join(f'{lr:g}' for lr in lrs)}" for m, lrs in self.lr_grid.items()
+            )
+            runs = f"lr per mode picked on validation from ({grids}), seeds {seeds}"
+        scored = "best validation step" if self.keep_best else "last step"
         return (
             f"{self.epochs} epoch(s), batch {self.batch_size}, {rows}, padded to {tokens}; "
-            f"LoRA r={self.rank}, alpha={self.alpha:g}{where}; AdamW lr ({lrs}), weight decay {self.weight_decay:g}"
+            f"LoRA r={self.rank}, alpha={self.alpha:g}{where}; AdamW lr ({lrs}), weight decay "
+            f"{self.weight_decay:g}; {runs}; scored at the {scored}"
         )
 
 
+#: The reference recipe: one run per mode at the reference's learning rate, scored at the end.
 FULL_RECIPE = Recipe()
-#: Small enough for a CPU: one epoch on a third of the training rows, messages cut at 64
-#: tokens; validation and test are the full recipe's 149 and 300 rows.
+#: Small enough for a CPU, run under the protocol: one epoch on 320 training rows (40
+#: steps), messages cut at 40 tokens; validation and test are the full recipe's 149 and 300
+#: rows. Each mode tries three learning rates (its reference rate among them) with seed 0,
+#: keeps the one with the lowest validation loss and runs seeds 1 and 2 at it; every run is
+#: scored at its best validation step (the whole validation split, every 20 steps).
 QUICK_RECIPE = Recipe(
-    epochs=1, sizes=(480, 149, 300), max_length=64, eval_every=10, eval_batches=10, quick=True
+    epochs=1,
+    sizes=(320, 149, 300),
+    max_length=40,
+    eval_every=20,
+    eval_batches=None,
+    quick=True,
+    lr_grid={
+        "lora": (5e-5, 2e-4, 8e-4),
+        "full": (5e-5, 2.5e-4, 1.25e-3),
+        "last-block": (1e-5, 5e-5, 2.5e-4),
+    },
+    seeds=(0, 1, 2),
+    keep_best=True,
 )
 
 
@@ -338,18 +416,47 @@ class RunResult:
     """One mode trained and measured."""
 
     mode: str
-    model: nn.Module
+    model: nn.Module | None  # None once dropped (tune_mode keeps only the numbers)
     history: History
     trainable: int
     total: int
     peak_memory: int | None  # bytes, CUDA only
     checkpoint_bytes: int
-    accuracy: dict[str, float]  # "train", "val", "test" on the whole split
+    accuracy: dict[str, float]  # "train", "val", "test" (those measured), on the whole split
+    recipe: Recipe | None = None
+    seed: int = 0
+
+    @property
+    def lr(self) -> float:
+        """The learning rate this run trained with."""
+        return math.nan if self.recipe is None else self.recipe.lr[self.mode]
+
+    @property
+    def val_loss(self) -> float:
+        """The lowest validation loss the run reached (what protocol.tune compares)."""
+        return self.history.best_val_loss
+
+    @property
+    def val_accuracy(self) -> float:
+        """Accuracy on the whole validation split, with the weights the run ended with."""
+        return self.accuracy["val"]
+
+    @property
+    def test_accuracy(self) -> float:
+        """Accuracy on the whole test split, with the weights the run ended with."""
+        return self.accuracy["test"]
+
+    @property
+    def test_error(self) -> float:
+        """1 - test accuracy: the share of test messages classified wrongly."""
+        return 1.0 - self.accuracy["test"]
 
     def row(self) -> dict:
         """The numbers, JSON-ready."""
         return {
             "mode": self.mode,
+            "lr": self.lr,
+            "seed": self.seed,
             "trainable_params": self.trainable,
             "total_params": self.total,
             "peak_memory_bytes": self.peak_memory,
@@ -389,8 +496,18 @@ def run_mode(
     checkpoint_dir: Path,
     source: GPT2Source,
     seed: int = 123,
+    splits: Sequence[str] = ("train", "val", "test"),
+    progress: bool = True,
 ) -> RunResult:
-    """Copy `base`, set up `mode`, train it with `recipe`, then measure it; the model ends on CPU."""
+    """Copy `base`, set up `mode`, train it with `recipe`, then measure it; the model ends on CPU.
+
+    Accuracy is measured on the whole of each split named in `splits` (of "train", "val",
+    "test"), with the weights the run ends with: the best validation step's if
+    recipe.keep_best, else the last step's.
+    """
+    unknown = set(splits) - {"train", "val", "test"}
+    if unknown:
+        raise ValueError(f"Unknown split(s) {sorted(unknown)}; use 'train', 'val' or 'test'.")
     seed_everything(seed)
     model = setup_mode(
         copy.deepcopy(base), mode, rank=recipe.rank, alpha=recipe.alpha, targets=recipe.targets
@@ -409,18 +526,133 @@ def run_mode(
         weight_decay=recipe.weight_decay,
         eval_every=recipe.eval_every,
         eval_batches=recipe.eval_batches,
+        keep_best=recipe.keep_best,
         seed=seed,
+        progress=progress,
     )
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    accuracy = {
-        name: evaluate(model, loader, device)[1]
-        for name, loader in zip(("train", "val", "test"), loaders[:3], strict=True)
-    }
+    accuracy = {}
+    for name, loader in zip(("train", "val", "test"), loaders[:3], strict=True):
+        if name not in splits:
+            continue
+        if name == "val" and recipe.eval_batches is None:  # measured on all of it while training
+            accuracy[name] = history.val_acc[history.steps.index(history.kept_step)]
+        else:
+            accuracy[name] = evaluate(model, loader, device)[1]
     model.to("cpu")
     path = save_checkpoint(model, mode, checkpoint_dir, source)
+    size = checkpoint_size(path)
     return RunResult(
-        mode, model, history, counts.trainable, counts.total, peak, checkpoint_size(path), accuracy
+        mode,
+        model,
+        history,
+        counts.trainable,
+        counts.total,
+        peak,
+        size,
+        accuracy,
+        recipe,
+        seed,
     )
+
+
+def tune_mode(
+    base: nn.Module,
+    mode: str,
+    loaders: Loaders,
+    recipe: Recipe,
+    *,
+    device: torch.device,
+    checkpoint_dir: Path,
+    source: GPT2Source,
+    reuse: Sequence[RunResult] = (),
+) -> protocol.Tuned:
+    """`mode` under the protocol: protocol.tune over recipe.grid(mode) and recipe.seeds.
+
+    Each run is a run_mode at one learning rate and seed, scored at its best validation
+    step if recipe.keep_best, with its validation accuracy. Test accuracy is measured only
+    for the runs at the picked learning rate (those the result reports); then the weights
+    are dropped (model None). A run of `reuse` with the same mode, recipe (at that learning
+    rate) and seed is taken instead of being trained again. One progress bar counts the
+    runs: len(grid) + len(seeds) - 1 of them. Every run writes its checkpoint to the same
+    place in `checkpoint_dir`.
+    """
+    grid = recipe.grid(mode)
+    bar = tqdm(total=len(grid) + len(recipe.seeds) - 1, desc=mode, unit="run")
+
+    def run(lr: float, seed: int) -> RunResult:
+        at_lr = dataclasses.replace(recipe, lr={**recipe.lr, mode: lr})
+        reused = [r for r in reuse if (r.mode, r.recipe, r.seed) == (mode, at_lr, seed)]
+        result = (
+            reused[0]
+            if reused
+            else run_mode(
+                base,
+                mode,
+                loaders,
+                at_lr,
+                device=device,
+                checkpoint_dir=checkpoint_dir,
+                source=source,
+                seed=seed,
+                splits=("val",),
+                progress=False,
+            )
+        )
+        if seed != recipe.seeds[0]:  # the grid is done: this run is at the picked rate
+            _measure_test(result, loaders, device, keep_model=bool(reused))
+        bar.update(1)
+        return result
+
+    try:
+        tuned = protocol.tune(mode, run, grid, recipe.seeds)
+    finally:
+        bar.close()
+    first = tuned.runs[0]
+    _measure_test(first, loaders, device, keep_model=any(first is r for r in reuse))
+    return tuned
+
+
+def _measure_test(
+    result: RunResult, loaders: Loaders, device: torch.device, *, keep_model: bool
+) -> None:
+    """Put the test accuracy into result.accuracy if missing; then drop the model unless kept."""
+    if "test" not in result.accuracy:
+        result.model.to(device)
+        result.accuracy["test"] = evaluate(result.model, loaders.test, device)[1]
+        result.model.to("cpu")
+    if not keep_model:
+        result.model = None
+
+
+def grid_report(tuned: Sequence[protocol.Tuned]) -> str:
+    """Each mode's learning-rate grid with its validation losses, the pick marked * and
+    flagged when it is the largest (protocol's Tuned.grid) or the smallest rate tried."""
+    lines = []
+    for t in tuned:
+        smallest = len(t.lr_scores) > 1 and t.lr == min(t.lr_scores)
+        lines.append(t.grid() + ("  (the smallest tried)" if smallest else ""))
+    return "\n".join(lines)
+
+
+def accuracy_table(
+    tuned: Sequence[protocol.Tuned], baselines: dict[str, dict[str, float]], fmt: str = ".0f"
+) -> str:
+    """Validation and test accuracy in %: per mode "mean (low-high)" over its seeds at its
+    picked learning rate, formatted with `fmt` (whole percents: seeds spread over several);
+    per baseline (fitted on the training rows: no learning rate, no seeds) its one exact
+    number, to 0.1 %. baselines: name -> {"val": accuracy, "test": accuracy}."""
+    headers = ["method", "lr", "seeds", "val acc %", "test acc %"]
+    rows = [
+        [t.name, f"{t.lr:g}", len(t.runs)]
+        + [t.spread(f"{split}_accuracy", 100).format(fmt) for split in ("val", "test")]
+        for t in tuned
+    ]
+    rows += [
+        [name, "-", "-", *(f"{100 * scores[split]:.1f}" for split in ("val", "test"))]
+        for name, scores in baselines.items()
+    ]
+    return protocol.format_table(headers, rows)
 
 
 def _size(n: float) -> str:
@@ -432,9 +664,10 @@ def _size(n: float) -> str:
     return f"{n:,.2f} GB"
 
 
-def results_table(rows: list[dict], *, measured: bool = False) -> str:
-    """A text table of RunResult.row() dicts: parameters, checkpoint size and accuracies,
-    or (measured=True) the numbers that vary from run to run: time per epoch and peak memory."""
+def results_table(rows: list[dict], *, measured: bool = False, accuracy: bool = True) -> str:
+    """A text table of RunResult.row() dicts: parameters, checkpoint size and (unless
+    accuracy=False) accuracies, "-" where a split was not measured; or (measured=True) the
+    numbers that vary from run to run: time per epoch and peak memory."""
     if measured:
         header = ("mode", "time / epoch", "peak accelerator memory")
         cells = [
@@ -448,22 +681,15 @@ def results_table(rows: list[dict], *, measured: bool = False) -> str:
             for r in rows
         ]
     else:
-        header = (
-            "mode",
-            "trainable params",
-            "share",
-            "checkpoint",
-            "train acc",
-            "val acc",
-            "test acc",
-        )
+        splits = ("train", "val", "test") if accuracy else ()
+        header = ("mode", "trainable params", "share", "checkpoint", *(f"{s} acc" for s in splits))
         cells = [
             (
                 r["mode"],
                 f"{r['trainable_params']:,}",
                 f"{100 * r['trainable_params'] / r['total_params']:.2f} %",
                 _size(r["checkpoint_bytes"]),
-                *(f"{100 * r['accuracy'][s]:.1f} %" for s in ("train", "val", "test")),
+                *(f"{100 * r['accuracy'][s]:.1f} %" if s in r["accuracy"] else "-" for s in splits),
             )
             for r in rows
         ]
@@ -507,20 +733,32 @@ def plot_history(history: History, title: str = "") -> Figure:
     return fig
 
 
-def plot_comparison(results: list[RunResult]) -> Figure:
-    """Validation loss of every mode against optimizer step, one line each."""
+def plot_comparison(tuned: Sequence[protocol.Tuned]) -> Figure:
+    """Validation loss against optimizer step of every mode at its picked learning rate:
+    the mean over seeds as a line, the smallest to largest as a band; dots mark the step
+    each run was scored at."""
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    for r in results:
-        ax.plot(
-            r.history.steps,
-            r.history.val_loss,
-            "o-",
-            label=f"{r.mode} (test acc {100 * r.accuracy['test']:.1f} %)",
+    for t in tuned:
+        steps = t.runs[0].history.steps
+        losses = torch.tensor([r.history.val_loss for r in t.runs])  # (seeds, evaluations)
+        accuracy = t.spread("test_accuracy", 100).format(".0f")
+        (line,) = ax.plot(
+            steps, losses.mean(0), "-", label=f"{t.name}, lr {t.lr:g}: test acc {accuracy} %"
         )
+        if len(t.runs) > 1:
+            ax.fill_between(
+                steps, losses.min(0).values, losses.max(0).values, alpha=0.2, color=line.get_color()
+            )
+        kept = [
+            (r.history.kept_step, r.history.val_loss[steps.index(r.history.kept_step)])
+            for r in t.runs
+        ]
+        ax.plot(*zip(*kept, strict=True), "o", color=line.get_color())
+    seeds = len(tuned[0].runs) if tuned else 0
     ax.set(
         xlabel="optimizer step",
         ylabel="validation loss",
-        title="LoRA vs full fine-tuning vs last block",
+        title=f"LoRA vs full fine-tuning vs last block ({seeds} seed{'s' * (seeds != 1)} each)",
     )
     ax.legend()
     ax.grid(alpha=0.3)

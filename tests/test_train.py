@@ -1,14 +1,16 @@
 """The training loop, the three modes, measurements, stops with advice, tables and results files."""
 
 import copy
+import dataclasses
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 from tiny_gpt import SOURCE, TINY
 from torch.utils.data import DataLoader, TensorDataset
 
-from lora_helpers import train
+from lora_helpers import protocol, train
 from lora_helpers.data import Loaders
 from lora_helpers.gpt2 import GPTModel, to_classifier
 from lora_helpers.lora import count_parameters
@@ -86,6 +88,76 @@ def test_a_short_run_lowers_the_loss(mode):
     assert len(history.train_acc) == len(history.val_acc) == 6
     assert history.steps_done == 48
     assert history.seconds_per_epoch > 0
+
+
+def test_the_training_curve_averages_the_batches_trained_since_the_last_evaluation():
+    loaders = tiny_loaders()
+    model = train.setup_mode(tiny_classifier(), "full")
+    before = copy.deepcopy(model)
+    history = train.train_classifier(
+        model,
+        loaders.train,
+        loaders.val,
+        device=CPU,
+        epochs=1,
+        lr=0.0,  # the weights stay put, so every batch's loss is the untrained model's
+        weight_decay=0.0,
+        eval_every=4,
+        eval_batches=None,
+        progress=False,
+    )
+    batches = [
+        (train.evaluate(before, [batch], CPU), len(batch[1]))
+        for batch in _batches_in_training_order(loaders.train)
+    ]
+    first = batches[:4]  # (loss, accuracy), rows of the batches up to the first evaluation
+    rows = sum(n for _, n in first)
+    assert history.train_loss[0] == pytest.approx(sum(loss * n for (loss, _), n in first) / rows)
+    assert history.train_acc[0] == pytest.approx(sum(acc * n for (_, acc), n in first) / rows)
+    assert history.val_loss[0] == pytest.approx(train.evaluate(before, loaders.val, CPU)[0])
+
+
+def _batches_in_training_order(loader):
+    """The batches train_classifier(seed=123) sees in its first epoch."""
+    loader.generator.manual_seed(123)
+    return list(loader)
+
+
+@pytest.mark.parametrize("keep_best", [False, True])
+def test_keep_best_ends_with_the_weights_of_the_lowest_validation_loss(monkeypatch, keep_best):
+    losses = iter([0.5, 0.3, 0.4, 0.6])  # scripted: the best is the second evaluation
+    weights_at = []
+
+    def scripted_evaluate(model, loader, device, max_batches=None):
+        weights_at.append([p.detach().clone() for p in model.parameters()])
+        return next(losses), 0.5
+
+    monkeypatch.setattr(train, "evaluate", scripted_evaluate)
+    loaders = tiny_loaders()
+    model = train.setup_mode(tiny_classifier(), "full")
+    history = train.train_classifier(
+        model,
+        loaders.train,
+        loaders.val,
+        device=CPU,
+        epochs=2,
+        eval_every=4,
+        keep_best=keep_best,
+        progress=False,
+    )
+    assert history.steps == [4, 8, 12, 16]
+    assert (history.best_step, history.best_val_loss) == (8, 0.3)
+    assert history.kept_step == (8 if keep_best else 16)
+    kept = weights_at[1 if keep_best else 3]
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), kept, strict=True))
+    assert not all(
+        torch.equal(p, w) for p, w in zip(model.parameters(), weights_at[2], strict=True)
+    )
+
+
+def test_best_step_needs_an_evaluation():
+    with pytest.raises(ValueError, match="No evaluation yet"):
+        _ = train.History().best_step
 
 
 def test_every_run_on_a_loader_sees_the_same_batches():
@@ -180,6 +252,134 @@ def test_run_mode_measures_and_saves_what_each_mode_needs(tmp_path):
     assert f"{lora.trainable:,}" in table
     assert "n/a (CPU)" in train.results_table(rows, measured=True)
     json.dumps(rows)  # JSON-ready
+
+
+def test_run_mode_measures_only_the_splits_asked_for(tmp_path):
+    base, loaders = tiny_classifier(), tiny_loaders()
+    recipe = train.Recipe(
+        epochs=2, rank=2, alpha=2, eval_every=4, eval_batches=None, keep_best=True
+    )
+    result = train.run_mode(
+        base,
+        "lora",
+        loaders,
+        recipe,
+        device=CPU,
+        checkpoint_dir=tmp_path,
+        source=SOURCE,
+        seed=5,
+        splits=("val", "test"),
+        progress=False,
+    )
+    assert set(result.accuracy) == {"val", "test"}
+    assert (result.lr, result.seed, result.recipe) == (8e-4, 5, recipe)
+    assert result.val_loss == result.history.best_val_loss
+    assert result.test_error == pytest.approx(1 - result.test_accuracy)
+    assert result.val_accuracy == train.evaluate(result.model, loaders.val, CPU)[1]
+    row = result.row()
+    assert (row["lr"], row["seed"]) == (8e-4, 5)
+    table = train.results_table([row])
+    assert table.splitlines()[-1].split(" | ")[-3].strip() == "-"  # train accuracy: not measured
+    assert "acc" not in train.results_table([row], accuracy=False)
+    with pytest.raises(ValueError, match=r"Unknown split\(s\) \['dev'\]"):
+        train.run_mode(
+            base,
+            "lora",
+            loaders,
+            recipe,
+            device=CPU,
+            checkpoint_dir=tmp_path,
+            source=SOURCE,
+            splits=("dev",),
+        )
+
+
+def test_tune_mode_picks_the_learning_rate_on_validation_then_runs_every_seed(tmp_path, capsys):
+    base, loaders = tiny_classifier(), tiny_loaders()
+    recipe = train.Recipe(
+        epochs=2,
+        rank=2,
+        alpha=2,
+        eval_every=4,
+        eval_batches=None,
+        keep_best=True,
+        lr_grid={"lora": (1e-4, 1e-2), "full": (1e-3,), "last-block": (1e-3,)},
+        seeds=(0, 1),
+    )
+    assert recipe.grid("lora") == (1e-4, 1e-2)
+    assert train.Recipe().grid("full") == (5e-5,)
+    with pytest.raises(ValueError, match="no learning rate for 'half'"):
+        recipe.grid("half")
+    done = train.run_mode(
+        base,
+        "lora",
+        loaders,
+        dataclasses.replace(recipe, lr={**recipe.lr, "lora": 1e-2}),
+        device=CPU,
+        checkpoint_dir=tmp_path / "done",
+        source=SOURCE,
+        seed=0,
+        progress=False,
+    )
+    tuned = train.tune_mode(
+        base,
+        "lora",
+        loaders,
+        recipe,
+        device=CPU,
+        checkpoint_dir=tmp_path,
+        source=SOURCE,
+        reuse=[done],
+    )
+    assert set(tuned.lr_scores) == {1e-4, 1e-2}
+    assert tuned.lr == min(tuned.lr_scores, key=tuned.lr_scores.get)
+    assert tuned.lr_scores[1e-2] == done.val_loss
+    assert [(r.seed, r.lr) for r in tuned.runs] == [(0, tuned.lr), (1, tuned.lr)]
+    assert all(set(r.accuracy) >= {"val", "test"} for r in tuned.runs)
+    assert all(r.model is None for r in tuned.runs if r is not done)  # numbers kept, weights freed
+    # Not reused: a run at the same lr and seed trained again gives the same numbers.
+    again = train.tune_mode(
+        base,
+        "lora",
+        loaders,
+        dataclasses.replace(recipe, seeds=(0,)),
+        device=CPU,
+        checkpoint_dir=tmp_path,
+        source=SOURCE,
+    )
+    assert again.lr_scores == pytest.approx(tuned.lr_scores)
+
+    figure = train.plot_comparison([tuned, again])
+    assert len(figure.axes[0].get_lines()) == 4  # a mean line and the scored steps per mode
+    assert (
+        "lr per mode picked on validation from (lora 0.0001, 0.01; full 0.001; last-block 0.001), seeds 0, 1; scored at the best validation step"
+        in recipe.describe()
+    )
+    assert (
+        "one learning rate per mode, seed(s) 123; scored at the last step"
+        in train.FULL_RECIPE.describe()
+    )
+
+
+def test_grid_report_notes_a_pick_at_the_edge_and_the_table_shows_spreads_and_baselines():
+    runs = [
+        SimpleNamespace(val_loss=0.3, val_accuracy=0.8, test_accuracy=acc)
+        for acc in (0.85, 0.9, 0.8)
+    ]
+    at_edge = protocol.Tuned("lora", 1e-3, {1e-4: 0.5, 1e-3: 0.3}, runs)
+    inside = protocol.Tuned("full", 1e-3, {1e-4: 0.5, 1e-3: 0.3, 1e-2: 0.4}, runs)
+    smallest = protocol.Tuned("qv", 1e-4, {1e-4: 0.2, 1e-3: 0.3}, runs)
+    report = train.grid_report([at_edge, inside, smallest]).splitlines()
+    assert report == [
+        "lora: validation loss by learning rate  0.0001: 0.500  0.001: 0.300*  (the largest tried)",
+        "full: validation loss by learning rate  0.0001: 0.500  0.001: 0.300*  0.01: 0.400",
+        "qv: validation loss by learning rate  0.0001: 0.200*  0.001: 0.300  (the smallest tried)",
+    ]
+    table = train.accuracy_table([at_edge], {"length rule": {"val": 0.84, "test": 0.87}})
+    header, _, lora, rule = table.splitlines()
+    assert header.split() == ["method", "lr", "seeds", "val", "acc", "%", "test", "acc", "%"]
+    assert lora.split() == ["lora", "0.001", "3", "80", "(80-80)", "85", "(80-90)"]
+    assert rule.split() == ["length", "rule", "-", "-", "84.0", "87.0"]
 
 
 def test_choose_recipe_is_quick_without_cuda_and_says_so(capsys):
