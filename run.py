@@ -5,9 +5,10 @@ conda environment), installs the project into it when pyproject.toml changed, th
 opens JupyterLab on notebooks/ or runs every test (unit tests and all notebooks).
 Extra arguments go to JupyterLab or pytest.
 
-`test` without arguments runs the notebooks twice: once as they are, then again with
-another CPU's kernels and one thread, so that a committed number that depends on the
-machine fails here rather than on a learner's laptop.
+`test` without arguments runs the numbered notebooks twice: once as they are, then
+again with another CPU's kernels, so that a committed number that depends on the
+machine fails here rather than on a learner's laptop. Tests compute on one thread per
+pytest worker.
 """
 
 from __future__ import annotations
@@ -85,15 +86,23 @@ def other_kernels(python: Path) -> dict[str, str]:
 
 
 def run_tests(python: Path, rest: list[str]) -> int:
-    """pytest with pyproject's settings; without arguments, then the notebooks again (see above)."""
-    code = subprocess.call([python, "-m", "pytest", *PARALLEL, *rest], cwd=ROOT)
+    """pytest with pyproject's settings; without arguments, then the notebooks again (see above).
+
+    Each worker computes on one thread: two workers on two cores, each running a
+    multi-threaded kernel, slow each other down many times over.
+    """
+    one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}
+    code = subprocess.call([python, "-m", "pytest", *PARALLEL, *rest], cwd=ROOT, env=one_thread)
     if code or rest:
         return code
-    settings = {**other_kernels(python), "OMP_NUM_THREADS": "1"}
+    settings = other_kernels(python)
     shown = " ".join(f"{k}={v}" for k, v in settings.items())
-    print(f"\nSecond pass: the notebooks again with {shown}", flush=True)
-    env = {**os.environ, **settings}
-    return subprocess.call([python, "-m", "pytest", *PARALLEL, "notebooks"], cwd=ROOT, env=env)
+    print(f"\nSecond pass: the numbered notebooks again with {shown}", flush=True)
+    numbered = sorted(
+        str(p.relative_to(ROOT)) for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")
+    )
+    env = {**one_thread, **settings}
+    return subprocess.call([python, "-m", "pytest", *PARALLEL, *numbered], cwd=ROOT, env=env)
 
 
 def main(argv: list[str]) -> int:
