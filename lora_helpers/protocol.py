@@ -28,6 +28,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+from torch import nn
+
 #: Seeds used by default: three, the fewest that show a spread.
 SEEDS = (0, 1, 2)
 
@@ -98,6 +101,36 @@ def verdict(
         f"{name_a} and {name_b} are within the spread of each other "
         f"({a.format(fmt)} against {b.format(fmt)}): no winner on this evidence."
     )
+
+
+class BestStep:
+    """Early stopping (rule 3): remembers the parameters of the step with the lowest validation loss.
+
+    Call offer(step, loss) after each validation and restore() when training ends; the
+    parameters then hold the best step's values. A NaN loss is never the best.
+    """
+
+    def __init__(self, params: Sequence[nn.Parameter]) -> None:
+        self.params = list(params)
+        self.step: int | None = None
+        self.loss = math.inf
+        self.state: list[torch.Tensor] | None = None
+
+    def offer(self, step: int, loss: float) -> bool:
+        """Keep a copy of the parameters if `loss` is the lowest so far; True when it is."""
+        if not loss < self.loss:
+            return False
+        self.step, self.loss = step, loss
+        self.state = [p.detach().clone() for p in self.params]
+        return True
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Copy the best step's values back; raises ValueError if no step was offered."""
+        if self.state is None:
+            raise ValueError("No validation loss was offered: validate at least once first.")
+        for p, kept in zip(self.params, self.state, strict=True):
+            p.copy_(kept)
 
 
 @dataclass

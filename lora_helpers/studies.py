@@ -27,7 +27,7 @@ from .lora import (
     mark_only_lora_as_trainable,
     replace_linear_with_lora,
 )
-from .protocol import SEEDS, Spread, Tuned, clearly_lower, format_table, spread, tune
+from .protocol import SEEDS, BestStep, Spread, Tuned, clearly_lower, format_table, spread, tune
 
 VOCAB = 16  # tokens 0..15
 CONTEXT = 8  # tokens per sequence
@@ -194,13 +194,14 @@ def loss_and_accuracy(model: nn.Module, data: Data) -> tuple[float, float]:
 class Curves:
     """What train() saw: training loss per step, [(step, validation loss)], the best step.
 
-    best_state: the trainable parameters at best_step (None without validation data).
+    best: the trainable parameters at best_step (None without validation data);
+    best.restore() puts them back into the model.
     """
 
     train: list[float]
     val: list[tuple[int, float]]
     best_step: int
-    best_state: list[torch.Tensor] | None = field(default=None, repr=False)
+    best: BestStep | None = field(default=None, repr=False)
 
 
 def train(
@@ -218,7 +219,8 @@ def train(
 
     With `val`, the validation loss is measured every `eval_every` steps and after the last
     one, and a copy of the trainable parameters at the step where it was lowest is kept in
-    the returned Curves (early stopping, protocol rule 3; `keep_best` puts them back).
+    the returned Curves (early stopping, protocol rule 3; `curves.best.restore()` puts them
+    back).
     Raises ValueError if nothing in the model is trainable.
     """
     params = [p for p in model.parameters() if p.requires_grad]
@@ -227,16 +229,13 @@ def train(
     opt = torch.optim.Adam(params, lr=lr)
     g = torch.Generator().manual_seed(seed)
     mask = data.y != IGNORE
-    curves = Curves([], [], steps)
-    best_loss = math.inf
+    curves = Curves([], [], steps, None if val is None else BestStep(params))
 
     def validate(step: int) -> None:
-        nonlocal best_loss
         loss = loss_and_accuracy(model, val)[0]
         curves.val.append((step, loss))
-        if loss < best_loss:
-            best_loss, curves.best_step = loss, step
-            curves.best_state = [p.detach().clone() for p in params]
+        if curves.best.offer(step, loss):
+            curves.best_step = step
 
     for step in range(steps):
         if val is not None and step % eval_every == 0:
@@ -255,17 +254,6 @@ def train(
     if val is not None:
         validate(steps)
     return curves
-
-
-@torch.no_grad()
-def keep_best(model: nn.Module, curves: Curves) -> nn.Module:
-    """Put the trainable parameters of curves.best_step back into `model` (early stopping)."""
-    if curves.best_state is None:
-        raise ValueError("These curves have no best step: train with val=... to keep one.")
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p, best in zip(params, curves.best_state, strict=True):
-        p.copy_(best)
-    return model
 
 
 def pretrained_model(seed: int = 0, steps: int = 300) -> TinyTransformer:
@@ -324,7 +312,7 @@ def train_run(
     )
     model.eval()
     last_loss = loss_and_accuracy(model, data.test)[0]
-    keep_best(model, curves)
+    curves.best.restore()
     loss, accuracy = loss_and_accuracy(model, data.test)
     return Run(
         label=label,

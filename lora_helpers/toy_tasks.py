@@ -26,6 +26,7 @@ from torch import nn
 from .attention import MultiHeadAttention, add_lora_to_attention
 from .explore import lora_layer_arguments
 from .lora import LinearWithLoRA, mark_only_lora_as_trainable
+from .protocol import BestStep
 
 #: The toy tasks' dtype: float64 keeps round-off far below the printed digits.
 DTYPE = torch.float64
@@ -86,17 +87,15 @@ def train_with_early_stopping(
     params = list(params)
     optimizer = torch.optim.Adam(params, lr=lr)
     run = TrainingRun()
-    best = [p.detach().clone() for p in params]
+    best = BestStep(params)
 
     def validate(step: int) -> None:
         with torch.no_grad():
             loss = validation_loss()
         run.val_steps.append(step)
         run.val_losses.append(loss)
-        if loss < run.val_loss:  # a NaN loss is never the best
+        if best.offer(step, loss):
             run.best_step, run.val_loss = step, loss
-            for kept, p in zip(best, params, strict=True):
-                kept.copy_(p.detach())
 
     validate(0)
     for step in range(1, steps + 1):
@@ -107,9 +106,8 @@ def train_with_early_stopping(
         run.losses.append(loss.item())
         if step % eval_every == 0 or step == steps:
             validate(step)
-    with torch.no_grad():
-        for kept, p in zip(best, params, strict=True):
-            p.copy_(kept)
+    if best.state is not None:  # None only if every validation loss was NaN
+        best.restore()
     return run
 
 

@@ -220,7 +220,7 @@ def train_classifier(
         params, lr=lr, weight_decay=weight_decay, fused=device.type in ("cuda", "cpu")
     )
     history = History(steps_per_epoch=len(train_loader))
-    best_state: list[torch.Tensor] | None = None
+    best = protocol.BestStep(params) if keep_best else None
     seen_loss, seen_correct, seen = 0.0, 0, 0  # training batches since the last evaluation
     total = (
         epochs * len(train_loader)
@@ -260,8 +260,8 @@ def train_classifier(
                     history.train_acc.append(seen_correct / seen)
                     seen_loss, seen_correct, seen = 0.0, 0, 0
                     val_loss, val_acc = evaluate(model, val_loader, device, eval_batches)
-                    if keep_best and val_loss < history.best_val_loss:
-                        best_state = [p.detach().clone() for p in params]
+                    if best is not None:
+                        best.offer(step, val_loss)
                     history.val_loss.append(val_loss)
                     history.val_acc.append(val_acc)
                     started = time.perf_counter()
@@ -282,11 +282,9 @@ def train_classifier(
     finally:
         bar.close()
     history.kept_step = step
-    if best_state is not None:
-        with torch.no_grad():
-            for param, best in zip(params, best_state, strict=True):
-                param.copy_(best)
-        history.kept_step = history.best_step
+    if best is not None and best.state is not None:
+        best.restore()
+        history.kept_step = best.step
     return history
 
 

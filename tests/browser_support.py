@@ -76,6 +76,20 @@ def slider_notebooks(root: Path = ROOT) -> list[Path]:
     return found
 
 
+def last_cell_to_run(notebook: Path) -> int:
+    """Index (among all cells) of the last code cell that uses ipywidgets or interact.
+
+    The last cell of the notebook if none does (the check then reports no widgets).
+    """
+    cells = json.loads(notebook.read_text(encoding="utf-8"))["cells"]
+    found = [
+        i
+        for i, c in enumerate(cells)
+        if c["cell_type"] == "code" and SLIDER_SOURCE.search("".join(c["source"]))
+    ]
+    return found[-1] if found else len(cells) - 1
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -189,7 +203,7 @@ def open_browser(chromium: str) -> Iterator[object]:
 
 # Opens `path` in the app, waits for its kernel, runs all cells; returns what ran.
 OPEN_AND_RUN_JS = """
-async (path) => {
+async ([path, upto]) => {
   const app = window.jupyterapp;
   await app.started;
   await app.restored;
@@ -200,8 +214,12 @@ async (path) => {
   window.__loraPanel = panel;
   window.__loraSaves = 0;  // the test must never write the notebook back
   panel.context.saveState.connect((_, state) => { if (state === 'started') window.__loraSaves++; });
-  const ok = await app.commands.execute('notebook:run-all-cells');
-  return ok;
+  // Cells 0..upto hold every widget; the ones below them are nbval's to check.
+  if (upto + 1 < panel.content.widgets.length) {
+    panel.content.activeCellIndex = upto + 1;
+    return await app.commands.execute('notebook:run-all-above');
+  }
+  return await app.commands.execute('notebook:run-all-cells');
 }
 """
 
@@ -313,7 +331,11 @@ def _move_slider(page, handle) -> bool:
 def check_sliders(
     context, server: JupyterLab, notebook: Path, shots: Path = SCREENSHOTS, timeout: float = 300.0
 ) -> SliderReport:
-    """Run `notebook` in JupyterLab; check its widgets render and its sliders drive outputs."""
+    """Run `notebook` in JupyterLab; check its widgets render and its sliders drive outputs.
+
+    Runs the cells down to the last one with a widget: the cells below it hold no slider,
+    and nbval runs them anyway.
+    """
     rel = notebook.resolve().relative_to(server.root.resolve()).as_posix()
     page = context.new_page()
     problems: list[str] = []
@@ -323,7 +345,8 @@ def check_sliders(
     try:
         page.goto(f"{server.url}/lab?reset&token={server.token}")
         page.wait_for_function("window.jupyterapp !== undefined", timeout=60_000)
-        page.evaluate(OPEN_AND_RUN_JS, rel)
+        upto = last_cell_to_run(notebook)
+        page.evaluate(OPEN_AND_RUN_JS, [rel, upto])
         state = _wait_for(
             page,
             STATE_JS,
@@ -335,7 +358,7 @@ def check_sliders(
 
         with contextlib.suppress(TimeoutError):  # widgets render a moment after their output
             state = _wait_for(page, STATE_JS, None, _widgets_settled, 30, "widgets to render")
-        problems += _problems_in(state)
+        problems += _problems_in(state, upto)
         widgets = sum(o["widget"] for c in state["cells"] if c["code"] for o in c["outputs"])
         if widgets == 0:
             problems.append(
@@ -371,11 +394,11 @@ def _widgets_settled(state: dict) -> bool:
     )
 
 
-def _problems_in(state: dict) -> list[str]:
-    """Errors, unrun cells and widgets that did not render, one line each."""
+def _problems_in(state: dict, upto: int | None = None) -> list[str]:
+    """Errors, unrun cells (down to cell `upto`) and widgets that did not render, one line each."""
     problems = []
     for c in state["cells"]:
-        if not c["code"]:
+        if not c["code"] or (upto is not None and c["index"] > upto):
             continue
         where = f"cell {c['index']}"
         if c["count"] is None:

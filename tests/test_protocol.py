@@ -4,6 +4,7 @@ import math
 from dataclasses import dataclass
 
 import pytest
+import torch
 
 from lora_helpers import protocol
 from lora_helpers.protocol import Spread, Tuned
@@ -215,3 +216,23 @@ def test_table_one_row_per_method_with_lr_and_spreads():
     scaled = protocol.table(rows[:1], {"x %": ("heldout_loss", ".0f", 100)}).splitlines()
     assert scaled[0].split() == ["method", "lr", "x", "%"]
     assert scaled[-1].split() == ["A", "0.01", "200", "(100-300)"]
+
+
+def test_best_step_keeps_a_copy_of_the_lowest_loss_and_puts_it_back():
+    weight = torch.nn.Parameter(torch.zeros(2))
+    best = protocol.BestStep([weight])
+    offered = []
+    for step, loss in enumerate([0.5, 0.3, float("nan"), 0.3, 0.4]):
+        with torch.no_grad():
+            weight.fill_(step)
+        offered.append(best.offer(step, loss))
+    assert offered == [True, True, False, False, False]  # NaN and ties never replace the best
+    assert (best.step, best.loss) == (1, 0.3)
+    best.restore()
+    assert weight.tolist() == [1.0, 1.0]
+    assert best.state[0] is not weight  # a copy, not the live parameter
+
+
+def test_best_step_refuses_to_restore_before_any_validation():
+    with pytest.raises(ValueError, match="validate at least once"):
+        protocol.BestStep([]).restore()

@@ -59,4 +59,6 @@ def test_the_second_notebook_pass_really_uses_other_kernels():
     assert set(settings) == {"ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"}
     env = {**os.environ, **settings}
     there = subprocess.check_output([sys.executable, "-c", best], text=True, env=env).strip()
-    assert there != here, f"ATEN_CPU_CAPABILITY={settings['ATEN_CPU_CAPABILITY']} left torch on {here}"
+    assert there != here, (
+        f"ATEN_CPU_CAPABILITY={settings['ATEN_CPU_CAPABILITY']} left torch on {here}"
+    )

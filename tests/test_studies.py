@@ -182,11 +182,11 @@ def test_train_without_validation_keeps_nothing(base, data):
     curves = studies.train(model, data.train, steps=5, lr=1e-2)
     assert len(curves.train) == 5
     assert curves.val == []
-    assert curves.best_state is None
+    assert curves.best is None
     assert curves.best_step == 5
 
 
-def test_keep_best_puts_back_the_parameters_of_the_best_step(base, data):
+def test_restoring_the_best_step_puts_back_its_parameters(base, data):
     model = copy.deepcopy(base)
     model.head.weight.requires_grad_(True)
     curves = studies.train(model, data.train, steps=40, lr=0.1, val=data.val, eval_every=4)
@@ -194,13 +194,14 @@ def test_keep_best_puts_back_the_parameters_of_the_best_step(base, data):
     best_loss = min(v for _, v in curves.val)
     assert dict(curves.val)[curves.best_step] == best_loss
     assert 0 < curves.best_step < 40  # a real choice: neither the start nor the end
-    (kept,) = curves.best_state
+    assert curves.best.step == curves.best_step
+    (kept,) = curves.best.state
     assert not torch.equal(kept, model.head.weight)  # the model ends elsewhere
     assert kept is not model.head.weight
-    assert studies.keep_best(model, curves) is model
+    curves.best.restore()
     assert torch.equal(model.head.weight, kept)
     assert studies.loss_and_accuracy(model, data.val)[0] == pytest.approx(best_loss, rel=1e-12)
-    with torch.no_grad():  # best_state is a copy, not a view of the live parameters
+    with torch.no_grad():  # the kept state is a copy, not a view of the live parameters
         model.head.weight.zero_()
     assert kept.abs().sum() > 0
 
