@@ -27,6 +27,7 @@ from torch import nn
 from .gpt2 import GPT2Source, to_classifier
 from .lora import (
     LinearWithLoRA,
+    evaluating,
     load_lora_state_dict,
     lora_layers,
     lora_state_dict,
@@ -45,8 +46,9 @@ def combine_lora_states(
     """One LoRA state whose update is exactly the weighted sum of the given adapters' updates.
 
     For every layer, adapter i holds A_i (in_dim, r_i), B_i (r_i, out_dim) and is applied
-    with scaling s_i (alpha_i / r_i; `scalings` defaults to 1.0 each, i.e. alpha = rank).
-    Stacking along the rank dimension,
+    with scaling s_i: alpha_i / r_i, or alpha_i / sqrt(r_i) with rsLoRA. A state dict does
+    not record it, so `scalings` is required: take each from the adapter's own settings,
+    e.g. lora_scaling(model) of the model it came from. Stacking along the rank dimension,
 
         A = [w_1 s_1 A_1 | w_2 s_2 A_2 | ...] / new_scaling,   B = [B_1; B_2; ...],
 
@@ -59,7 +61,13 @@ def combine_lora_states(
         raise ValueError(
             f"Got {len(states)} LoRA states but {len(weights)} weights; give one weight per state."
         )
-    scalings = [1.0] * len(states) if scalings is None else list(scalings)
+    if scalings is None:
+        raise ValueError(
+            "Give each adapter's scaling, e.g. scalings=[lora_scaling(model) for model in "
+            "models]: alpha / r, or alpha / sqrt(r) for rsLoRA. A state dict does not record it, "
+            "and assuming alpha = rank would shrink an rsLoRA adapter's update."
+        )
+    scalings = list(scalings)
     if len(scalings) != len(states):
         raise ValueError(
             f"Got {len(states)} LoRA states but {len(scalings)} scalings; give one per state."
@@ -116,7 +124,7 @@ def base_fingerprint(model: nn.Module) -> str:
     wrapped = [f"{name}.linear." for name, _ in lora_layers(model)]
     digest = hashlib.sha256()
     for key, tensor in model.state_dict().items():
-        if key.startswith("out_head.") or ".lora." in key:
+        if key.startswith("out_head.") or ".lora." in key or key.endswith(".merged_flag"):
             continue
         for prefix in wrapped:
             if key.startswith(prefix):
@@ -149,10 +157,12 @@ def save_adapter(model: nn.Module, directory: str | Path, source: GPT2Source) ->
             "rank, alpha and rslora for all layers."
         )
     ((rank, alpha, rslora),) = settings
+    # A head tied to the token embedding (an LM head) belongs to the base: not saved.
+    base = {id(p) for n, p in model.named_parameters() if not n.startswith("out_head.")}
     head = {
         k: v
-        for k, v in model.state_dict().items()
-        if k.startswith("out_head.") and ".lora." not in k
+        for k, v in model.named_parameters(remove_duplicate=False)
+        if k.startswith("out_head.") and ".lora." not in k and id(v) not in base
     }
     tensors = {
         k: v.detach().cpu().contiguous() for k, v in {**lora_state_dict(model), **head}.items()
@@ -204,6 +214,8 @@ def load_adapter(
     `model` is a fresh base (LoRA and the classifier head are added as the adapter says)
     or a model already carrying LoRA layers of the same settings (the adapter is swapped in).
     source: if given, the base's name and pretrained flag must match the adapter's.
+    Raises ValueError when the adapter does not fit; the model is then left exactly as it
+    was (its modules, weights, ties and requires_grad flags).
     """
     config = read_adapter_config(directory)
     wanted = _describe(config["base_model"], config["pretrained"])
@@ -222,14 +234,7 @@ def load_adapter(
             "load it into the base model it was trained on."
         )
     layers = dict(lora_layers(model))
-    if not layers:
-        if _head(model).out_features != config["n_classes"]:
-            to_classifier(model, config["n_classes"])
-        replace_linear_with_lora(
-            model, config["rank"], config["alpha"], config["targets"], rslora=config["rslora"]
-        )
-        mark_only_lora_as_trainable(model)
-    else:
+    if layers:
         settings = {(m.lora.rank, m.lora.alpha, m.lora.rslora) for m in layers.values()}
         if settings != {(config["rank"], config["alpha"], config["rslora"])} or set(layers) != set(
             config["targets"]
@@ -240,31 +245,61 @@ def load_adapter(
                 "layers); load the adapter into a fresh base model."
             )
     tensors = load_file(str(Path(directory) / WEIGHTS_FILE))
-    load_lora_state_dict(model, {k: v for k, v in tensors.items() if ".lora." in k})
-    head = {k: v for k, v in tensors.items() if ".lora." not in k}
-    unexpected = model.load_state_dict(head, strict=False).unexpected_keys
-    if unexpected:
-        raise ValueError(
-            f"The adapter's head tensors {unexpected[:3]} do not fit the model's head; "
-            "load it into the base model it was trained on."
-        )
+    # Changes below are undone if anything does not fit: the modules they replace and the
+    # requires_grad flags they reset are remembered first.
+    replaced = {
+        name: module
+        for name, module in model.named_modules()
+        if name == "out_head" or name in config["targets"]
+    }
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        if not layers:
+            if _head(model).out_features != config["n_classes"]:
+                to_classifier(model, config["n_classes"])
+            replace_linear_with_lora(
+                model, config["rank"], config["alpha"], config["targets"], rslora=config["rslora"]
+            )
+            mark_only_lora_as_trainable(model)
+        own = model.state_dict()
+        head = {k: v for k, v in tensors.items() if ".lora." not in k}
+        misfits = [k for k, v in head.items() if k not in own or own[k].shape != v.shape]
+        if misfits:
+            raise ValueError(
+                f"The adapter's head tensors {misfits[:3]} do not fit the model's head; "
+                "load it into the base model it was trained on."
+            )
+        # checks every LoRA key and shape before it copies any
+        load_lora_state_dict(model, {k: v for k, v in tensors.items() if ".lora." in k})
+        with torch.no_grad():
+            for key, value in head.items():
+                own[key].copy_(value)
+    except Exception:
+        for name, module in replaced.items():
+            model.set_submodule(name, module)
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        raise
     return model
 
 
 @torch.no_grad()
 def forward_latency(model: nn.Module, ids: torch.Tensor, repeats: int = 10) -> float:
-    """Median seconds of one forward pass of `model` on `ids` (batch, tokens), after a warm-up."""
-    model.eval()
+    """Median seconds of one forward pass of `model` on `ids` (batch, tokens), after a warm-up.
+
+    Measured in eval mode; the model's modes are restored afterwards.
+    """
     device = next(model.parameters()).device
     ids = ids.to(device)
     times = []
-    for i in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        model(ids)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i:  # the first call warms up caches and kernels
-            times.append(time.perf_counter() - started)
+    with evaluating(model):
+        for i in range(repeats + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            model(ids)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i:  # the first call warms up caches and kernels
+                times.append(time.perf_counter() - started)
     return statistics.median(times)

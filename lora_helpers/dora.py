@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import LoRALayer, freeze, wrap_linear_layers
+from .lora import LoRALayer, check_unshared, freeze, wrap_linear_layers
 
 
 def _row_norms(weight: torch.Tensor) -> torch.Tensor:
@@ -56,6 +56,16 @@ class LinearWithDoRA(nn.Module):
     @property
     def merged(self) -> bool:
         return self.merged_norms is not None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """Merged or not, as the loaded state says: merged_norms is in it only when merged.
+        A state without the base weight (e.g. A, B and m alone) leaves it as it is."""
+        if prefix + "merged_norms" in state_dict:
+            if self.merged_norms is None:
+                self.merged_norms = torch.empty_like(self.m)
+        elif prefix + "linear.weight" in state_dict:
+            self.merged_norms = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def adapted_weight(self) -> torch.Tensor:
         """W' = m * (W + dW) / ||W + dW|| (row-wise), shape (out, in)."""
@@ -122,7 +132,12 @@ def mark_only_dora_as_trainable(model: nn.Module) -> nn.Module:
 
 
 def merge_dora(model: nn.Module) -> nn.Module:
-    """merge() every DoRA layer of `model`; returns `model`."""
-    for _, layer in dora_layers(model):
+    """merge() every DoRA layer of `model`; returns `model`.
+
+    Raises ValueError, before merging any layer, if a base weight is shared (check_unshared).
+    """
+    layers = list(dora_layers(model))
+    check_unshared(model, layers)
+    for _, layer in layers:
         layer.merge()
     return model

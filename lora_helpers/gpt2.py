@@ -30,7 +30,7 @@ from torch import nn
 from . import assets
 from .assets import AssetError
 from .attention import MultiHeadAttention
-from .lora import LinearWithLoRA
+from .lora import LinearWithLoRA, evaluating
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -548,10 +548,8 @@ def generate(
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be a positive integer or None, got {top_k}.")
     context_length = model.pos_emb.num_embeddings
-    was_training = model.training
-    model.eval()
     done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-    try:
+    with evaluating(model):
         for _ in range(max_new_tokens):
             logits = model(idx[:, -context_length:])[:, -1, :]  # (batch, vocab)
             if temperature == 0:
@@ -568,8 +566,6 @@ def generate(
             idx = torch.cat([idx, next_id], dim=1)
             if eos_id is not None and done.all():
                 break
-    finally:
-        model.train(was_training)
     return idx
 
 

@@ -10,12 +10,18 @@ B starts at zero, so the layer is exactly the base layer until training moves B.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import torch
 from torch import nn
+
+
+class RankWarning(UserWarning):
+    """A LoRA rank above min(in_dim, out_dim): allowed, but its extra parameters buy nothing."""
 
 
 def _check_rank_alpha(rank: int, alpha: float, in_dim: int, out_dim: int) -> None:
@@ -24,10 +30,14 @@ def _check_rank_alpha(rank: int, alpha: float, in_dim: int, out_dim: int) -> Non
             f"rank must be a positive integer, got {rank!r}; typical values are 4, 8 or 16."
         )
     if rank > min(in_dim, out_dim):
-        raise ValueError(
+        # PEFT and the reference book accept this (e.g. rank 16 on a 768 -> 2 head), so do we.
+        warnings.warn(
             f"rank {rank} is larger than min(in_dim={in_dim}, out_dim={out_dim}) = "
-            f"{min(in_dim, out_dim)}: B @ A cannot have a rank above that, so the extra "
-            f"parameters buy nothing. Use rank <= {min(in_dim, out_dim)}."
+            f"{min(in_dim, out_dim)}: B @ A cannot have a rank above that, so "
+            f"{(rank - min(in_dim, out_dim)) * (in_dim + out_dim):,} of its parameters buy "
+            f"nothing. Rank {min(in_dim, out_dim)} gives the same updates.",
+            RankWarning,
+            stacklevel=3,
         )
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise ValueError(
@@ -126,6 +136,9 @@ class LinearWithLoRA(nn.Module):
             device=linear.weight.device,
         )
         self.merged = False
+        # Whether linear.weight holds the update is part of the layer's state: a merged state
+        # loaded into an unmerged layer must not add the update a second time.
+        self.register_buffer("merged_flag", torch.tensor(False, device=linear.weight.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
@@ -138,6 +151,7 @@ class LinearWithLoRA(nn.Module):
         if not self.merged:
             self.linear.weight += self.lora.delta_weight().to(self.linear.weight.dtype)
             self.merged = True
+            self.merged_flag.fill_(True)
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -145,6 +159,17 @@ class LinearWithLoRA(nn.Module):
         if self.merged:
             self.linear.weight -= self.lora.delta_weight().to(self.linear.weight.dtype)
             self.merged = False
+            self.merged_flag.fill_(False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """Merged as the loaded state says. A state with the base weight but no merged_flag
+        (a plain from-scratch layer's) is unmerged; one with neither leaves it as it is."""
+        key = prefix + "merged_flag"
+        if key not in state_dict:
+            merged = self.merged and prefix + "linear.weight" not in state_dict
+            state_dict = {**state_dict, key: torch.tensor(merged)}
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.merged = bool(self.merged_flag)
 
     def extra_repr(self) -> str:
         return f"merged={self.merged}"
@@ -152,6 +177,13 @@ class LinearWithLoRA(nn.Module):
 
 def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
+
+
+def _is_adapter(module: nn.Module) -> bool:
+    """True for a layer that adapts an nn.Linear with a LoRALayer (LinearWithLoRA, LinearWithDoRA)."""
+    return isinstance(getattr(module, "linear", None), nn.Linear) and isinstance(
+        getattr(module, "lora", None), LoRALayer
+    )
 
 
 def wrap_linear_layers(
@@ -164,23 +196,42 @@ def wrap_linear_layers(
 
     target_modules: None for every nn.Linear, else names matched against each layer's
     qualified name, whole or as a dotted suffix ("W_query" matches "trf_blocks.0.att.W_query").
-    Linears already wrapped by `wrapper` (its `.linear`) are left alone.
+    With None, layers that already carry a `wrapper` are left alone.
+    Raises ValueError, before changing anything, when a chosen layer already carries an
+    adapter (LoRA, DoRA): two adapters stacked on one layer are never what was meant.
     """
     if isinstance(model, nn.Linear):
         raise TypeError(
             f"Pass a model that contains nn.Linear layers; for a single layer use "
             f"{wrapper.__name__}(linear, ...) directly."
         )
-    wrapped = {id(m.linear) for m in model.modules() if isinstance(m, wrapper)}
+    adapters = {name: m for name, m in model.named_modules() if _is_adapter(m)}
+    inside = {id(m.linear) for m in adapters.values()}
     linears = {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and id(module) not in wrapped
+        if isinstance(module, nn.Linear) and id(module) not in inside
     }
+    targets = None
+    if target_modules is not None:
+        targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    stacked = [
+        name
+        for name, layer in adapters.items()
+        if (not isinstance(layer, wrapper) if targets is None else _targeted(name, targets))
+    ]
+    if stacked:
+        more = f" (and {len(stacked) - 1} more)" if len(stacked) > 1 else ""
+        raise ValueError(
+            f"Layer {stacked[0]!r}{more} already carries a "
+            f"{type(adapters[stacked[0]]).__name__}; a {wrapper.__name__} on top would stack two "
+            "adapters on one layer. Leave it out of target_modules, or start again from the "
+            "base model."
+        )
     if not linears:
         conv1d = [name for name, m in model.named_modules() if type(m).__name__ == "Conv1D"]
         hint = ""
-        if wrapped:
+        if adapters:
             hint = f" Every nn.Linear is already a {wrapper.__name__}; it was applied twice."
         elif conv1d:
             hint = (
@@ -188,10 +239,9 @@ def wrap_linear_layers(
                 "Hugging Face GPT-2 does not use nn.Linear."
             )
         raise ValueError(f"The model has no nn.Linear layer to wrap in {wrapper.__name__}.{hint}")
-    if target_modules is None:
+    if targets is None:
         chosen = list(linears)
     else:
-        targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
         unknown = [t for t in targets if not any(_matches(n, t) for n in linears)]
         if unknown:
             suffixes = sorted({n.rsplit(".", 1)[-1] for n in linears})
@@ -200,10 +250,36 @@ def wrap_linear_layers(
                 f"Linear layer names end in one of {suffixes}; full names look like "
                 f"{list(linears)[:3]}."
             )
-        chosen = [n for n in linears if any(_matches(n, t) for t in targets)]
-    for name in chosen:
-        model.set_submodule(name, wrapper(linears[name], **wrapper_kwargs))
+        chosen = [n for n in linears if _targeted(n, targets)]
+    with warnings.catch_warnings(record=True) as caught:  # one RankWarning for all, below
+        warnings.simplefilter("always", RankWarning)
+        for name in chosen:
+            model.set_submodule(name, wrapper(linears[name], **wrapper_kwargs))
+    for warning in caught:
+        if not issubclass(warning.category, RankWarning):
+            warnings.warn_explicit(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
+    rank = wrapper_kwargs.get("rank", 0)
+    oversized = [
+        f"{name!r} ({linears[name].in_features} -> {linears[name].out_features})"
+        for name in chosen
+        if rank > min(linears[name].in_features, linears[name].out_features)
+    ]
+    if oversized:
+        warnings.warn(
+            f"rank {rank} is larger than min(in, out) of {len(oversized)} layer(s): "
+            f"{', '.join(oversized[:3])}{' ...' if len(oversized) > 3 else ''}. Their updates "
+            "cannot have a rank above min(in, out), so the extra parameters buy nothing "
+            "(allowed, as in PEFT and the reference book; leave such layers out to save them).",
+            RankWarning,
+            stacklevel=3,
+        )
     return model
+
+
+def _targeted(name: str, targets: list[str]) -> bool:
+    return any(_matches(name, t) for t in targets)
 
 
 def replace_linear_with_lora(
@@ -236,6 +312,40 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LinearWithLoRA]]:
     for name, module in model.named_modules():
         if isinstance(module, LinearWithLoRA):
             yield name, module
+
+
+def lora_scaling(model: nn.Module) -> float:
+    """The scaling (alpha / r, or alpha / sqrt(r) with rsLoRA) shared by every LoRA layer of `model`.
+
+    Raises ValueError if the model has no LoRA layers or its layers use different scalings.
+    """
+    scalings = {layer.lora.scaling for _, layer in lora_layers(model)}
+    if len(scalings) != 1:
+        found = "no LoRA layers" if not scalings else f"scalings {sorted(scalings)}"
+        raise ValueError(f"lora_scaling needs LoRA layers with one scaling; the model has {found}.")
+    return scalings.pop()
+
+
+@contextlib.contextmanager
+def restored_modes(model: nn.Module) -> Iterator[nn.Module]:
+    """Afterwards (even if the block raises) every submodule is back in the mode it had.
+
+    For helpers that switch a caller's model between train() and eval(): they must not
+    leave it in eval mode (no dropout) when the caller was training it, or the reverse.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode inside the block, the caller's modes after it (see restored_modes)."""
+    with restored_modes(model):
+        yield model.eval()
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -321,9 +431,34 @@ def _lora_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
         yield f"{name}.lora.B", layer.lora.B
 
 
+def check_unshared(model: nn.Module, layers: Iterable[tuple[str, nn.Module]]) -> None:
+    """Raise ValueError if the base weight of one of `layers` is also used elsewhere in `model`.
+
+    Merging writes into that weight, so a tied weight (GPT-2's out_head and tok_emb) or an
+    nn.Linear used at two places would change the other module too.
+    """
+    users: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        users.setdefault(id(param), []).append(name)
+    for name, layer in layers:
+        others = [n for n in users[id(layer.linear.weight)] if not n.startswith(f"{name}.")]
+        if others:
+            raise ValueError(
+                f"Not merging: the base weight of {name!r} is also {others[0]!r} (a tied or "
+                "shared weight), so merging would change that module too. Leave the layer out "
+                "of the targets, or untie it first: layer.linear.weight = "
+                "nn.Parameter(layer.linear.weight.detach().clone())."
+            )
+
+
 def merge_lora(model: nn.Module) -> nn.Module:
-    """merge() every LoRA layer of `model`; returns `model`."""
-    for _, layer in lora_layers(model):
+    """merge() every LoRA layer of `model`; returns `model`.
+
+    Raises ValueError, before merging any layer, if a base weight is shared (check_unshared).
+    """
+    layers = list(lora_layers(model))
+    check_unshared(model, layers)
+    for _, layer in layers:
         layer.merge()
     return model
 

@@ -26,6 +26,7 @@ from .lora import (
     count_parameters,
     mark_only_lora_as_trainable,
     replace_linear_with_lora,
+    restored_modes,
 )
 from .protocol import SEEDS, BestStep, Spread, Tuned, clearly_lower, format_table, spread, tune
 
@@ -305,15 +306,20 @@ def train_run(
     seed: int = 0,
     eval_every: int = 10,
 ) -> Run:
-    """Train the trainable parameters of `model` in place with early stopping on data.val."""
-    model.train()
-    curves = train(
-        model, data.train, steps=steps, lr=lr, seed=seed, val=data.val, eval_every=eval_every
-    )
-    model.eval()
-    last_loss = loss_and_accuracy(model, data.test)[0]
-    curves.best.restore()
-    loss, accuracy = loss_and_accuracy(model, data.test)
+    """Train the trainable parameters of `model` in place with early stopping on data.val.
+
+    Trains in train mode and measures in eval mode; the model's modes are restored after.
+    """
+    with restored_modes(model):
+        model.train()
+        curves = train(
+            model, data.train, steps=steps, lr=lr, seed=seed, val=data.val, eval_every=eval_every
+        )
+        model.eval()
+        last_loss = loss_and_accuracy(model, data.test)[0]
+        curves.best.restore()
+        loss, accuracy = loss_and_accuracy(model, data.test)
+        train_loss = loss_and_accuracy(model, data.train)[0]
     return Run(
         label=label,
         model=model,
@@ -321,7 +327,7 @@ def train_run(
         lr=lr,
         curves=curves,
         val_loss=min(v for _, v in curves.val),
-        train_loss=loss_and_accuracy(model, data.train)[0],
+        train_loss=train_loss,
         heldout_loss=loss,
         heldout_accuracy=accuracy,
         last_heldout_loss=last_loss,

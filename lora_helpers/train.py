@@ -40,7 +40,13 @@ from .adapters import save_adapter
 from .assets import data_dir
 from .data import LABELS, Loaders, encode
 from .gpt2 import GPT2Source, classify_logits
-from .lora import count_parameters, mark_only_lora_as_trainable, replace_linear_with_lora
+from .lora import (
+    count_parameters,
+    evaluating,
+    mark_only_lora_as_trainable,
+    replace_linear_with_lora,
+    restored_modes,
+)
 
 if TYPE_CHECKING:
     from tiktoken import Encoding
@@ -153,20 +159,21 @@ def _autocast(device: torch.device):
 def evaluate(
     model: nn.Module, loader: DataLoader, device: torch.device, max_batches: int | None = None
 ) -> tuple[float, float]:
-    """(mean cross-entropy loss, accuracy) over `loader`, or its first `max_batches` batches."""
-    was_training = model.training
-    model.eval()
+    """(mean cross-entropy loss, accuracy) over `loader`, or its first `max_batches` batches.
+
+    Measured in eval mode; the model's modes are restored afterwards.
+    """
     total_loss, correct, seen = 0.0, 0, 0
-    for i, (ids, labels) in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
-        ids, labels = ids.to(device), labels.to(device)
-        with _autocast(device):
-            logits = classify_logits(model, ids).float()
-        total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (logits.argmax(-1) == labels).sum().item()
-        seen += len(labels)
-    model.train(was_training)
+    with evaluating(model):
+        for i, (ids, labels) in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            ids, labels = ids.to(device), labels.to(device)
+            with _autocast(device):
+                logits = classify_logits(model, ids).float()
+            total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
+            correct += (logits.argmax(-1) == labels).sum().item()
+            seen += len(labels)
     if seen == 0:
         raise ValueError("The loader is empty; there is nothing to evaluate.")
     return total_loss / seen, correct / seen
@@ -202,7 +209,8 @@ def train_classifier(
     end) History records the mean loss and accuracy of the training batches since the last
     evaluation and the loss and accuracy on `eval_batches` validation batches (None: all).
     keep_best=True (early stopping) ends with the weights of the evaluation with the lowest
-    validation loss instead of the last ones.
+    validation loss instead of the last ones. The model ends on `device`, each submodule in
+    the train/eval mode it had before.
     A NaN loss or running out of memory stops with a TrainingStopped that says what to change.
     """
     params = [p for p in model.parameters() if p.requires_grad]
@@ -215,77 +223,78 @@ def train_classifier(
     seed_everything(seed)
     if train_loader.generator is not None:  # the same batches in the same order on every run
         train_loader.generator.manual_seed(seed)
-    model.to(device).train()
-    optimizer = torch.optim.AdamW(  # fused: one kernel for all parameters (CUDA, CPU)
-        params, lr=lr, weight_decay=weight_decay, fused=device.type in ("cuda", "cpu")
-    )
-    history = History(steps_per_epoch=len(train_loader))
-    best = protocol.BestStep(params) if keep_best else None
-    seen_loss, seen_correct, seen = 0.0, 0, 0  # training batches since the last evaluation
-    total = (
-        epochs * len(train_loader)
-        if max_steps is None
-        else min(max_steps, epochs * len(train_loader))
-    )
-    bar = tqdm(total=total, desc="training", unit="step", disable=not progress)
-    step = 0
-    try:
-        for _ in range(epochs):
-            _sync(device)
-            started = time.perf_counter()
-            for ids, labels in train_loader:
+    with restored_modes(model):  # trains in train mode; the caller's modes come back
+        model.to(device).train()
+        optimizer = torch.optim.AdamW(  # fused: one kernel for all parameters (CUDA, CPU)
+            params, lr=lr, weight_decay=weight_decay, fused=device.type in ("cuda", "cpu")
+        )
+        history = History(steps_per_epoch=len(train_loader))
+        best = protocol.BestStep(params) if keep_best else None
+        seen_loss, seen_correct, seen = 0.0, 0, 0  # training batches since the last evaluation
+        total = (
+            epochs * len(train_loader)
+            if max_steps is None
+            else min(max_steps, epochs * len(train_loader))
+        )
+        bar = tqdm(total=total, desc="training", unit="step", disable=not progress)
+        step = 0
+        try:
+            for _ in range(epochs):
+                _sync(device)
+                started = time.perf_counter()
+                for ids, labels in train_loader:
+                    if step == total:
+                        break
+                    loss, correct = _train_step(
+                        model, optimizer, params, ids, labels, device, grad_clip
+                    )
+                    if not math.isfinite(loss):
+                        raise TrainingStopped(
+                            f"The loss became {loss} at step {step + 1}: lower the learning rate "
+                            f"(it is {lr:g}; try {lr / 10:g}) or keep gradient clipping on."
+                        )
+                    step += 1
+                    seen_loss, seen_correct, seen = (
+                        seen_loss + loss * len(labels),
+                        seen_correct + correct,
+                        seen + len(labels),
+                    )
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.3f}")
+                    if step % eval_every == 0 or step == total:
+                        _sync(device)
+                        history.train_seconds += time.perf_counter() - started
+                        history.steps.append(step)
+                        history.train_loss.append(seen_loss / seen)
+                        history.train_acc.append(seen_correct / seen)
+                        seen_loss, seen_correct, seen = 0.0, 0, 0
+                        val_loss, val_acc = evaluate(model, val_loader, device, eval_batches)
+                        if best is not None:
+                            best.offer(step, val_loss)
+                        history.val_loss.append(val_loss)
+                        history.val_acc.append(val_acc)
+                        started = time.perf_counter()
+                _sync(device)
+                history.train_seconds += time.perf_counter() - started
+                history.steps_done = step
+                history.epoch_steps.append(step)
                 if step == total:
                     break
-                loss, correct = _train_step(
-                    model, optimizer, params, ids, labels, device, grad_clip
-                )
-                if not math.isfinite(loss):
-                    raise TrainingStopped(
-                        f"The loss became {loss} at step {step + 1}: lower the learning rate "
-                        f"(it is {lr:g}; try {lr / 10:g}) or keep gradient clipping on."
-                    )
-                step += 1
-                seen_loss, seen_correct, seen = (
-                    seen_loss + loss * len(labels),
-                    seen_correct + correct,
-                    seen + len(labels),
-                )
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}")
-                if step % eval_every == 0 or step == total:
-                    _sync(device)
-                    history.train_seconds += time.perf_counter() - started
-                    history.steps.append(step)
-                    history.train_loss.append(seen_loss / seen)
-                    history.train_acc.append(seen_correct / seen)
-                    seen_loss, seen_correct, seen = 0.0, 0, 0
-                    val_loss, val_acc = evaluate(model, val_loader, device, eval_batches)
-                    if best is not None:
-                        best.offer(step, val_loss)
-                    history.val_loss.append(val_loss)
-                    history.val_acc.append(val_acc)
-                    started = time.perf_counter()
-            _sync(device)
-            history.train_seconds += time.perf_counter() - started
-            history.steps_done = step
-            history.epoch_steps.append(step)
-            if step == total:
-                break
-    except TrainingStopped:
-        raise
-    except torch.cuda.OutOfMemoryError:
-        raise _out_of_memory(device, train_loader) from None
-    except RuntimeError as error:  # MPS reports running out of memory as a RuntimeError
-        if "out of memory" not in str(error).lower():
+        except TrainingStopped:
             raise
-        raise _out_of_memory(device, train_loader) from None
-    finally:
-        bar.close()
-    history.kept_step = step
-    if best is not None and best.state is not None:
-        best.restore()
-        history.kept_step = best.step
-    return history
+        except torch.cuda.OutOfMemoryError:
+            raise _out_of_memory(device, train_loader) from None
+        except RuntimeError as error:  # MPS reports running out of memory as a RuntimeError
+            if "out of memory" not in str(error).lower():
+                raise
+            raise _out_of_memory(device, train_loader) from None
+        finally:
+            bar.close()
+        history.kept_step = step
+        if best is not None and best.state is not None:
+            best.restore()
+            history.kept_step = best.step
+        return history
 
 
 def _train_step(model, optimizer, params, ids, labels, device, grad_clip) -> tuple[float, int]:
@@ -703,11 +712,14 @@ def results_table(rows: list[dict], *, measured: bool = False, accuracy: bool = 
 def classify_texts(
     model: nn.Module, texts: list[str], tokenizer: Encoding, max_length: int
 ) -> list[tuple[str, float]]:
-    """(label, probability) per text, padded exactly as in training (to `max_length` tokens)."""
-    model.eval()
+    """(label, probability) per text, padded exactly as in training (to `max_length` tokens).
+
+    Computed in eval mode; the model's modes are restored afterwards.
+    """
     device = next(model.parameters()).device
     ids = encode(texts, tokenizer, max_length).to(device)
-    probs = torch.softmax(classify_logits(model, ids).float(), dim=-1)
+    with evaluating(model):
+        probs = torch.softmax(classify_logits(model, ids).float(), dim=-1)
     return [(LABELS[int(p.argmax())], float(p.max())) for p in probs]
 
 

@@ -1,10 +1,11 @@
 """Adapters: combine_lora_states, save/load round trip, mismatch errors, merge, swap."""
 
 import copy
+import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tiny_gpt import SOURCE, TINY
 from torch import nn
 
@@ -16,9 +17,12 @@ from lora_helpers.adapters import (
     read_adapter_config,
     save_adapter,
 )
+from lora_helpers.dora import dora_layers, merge_dora, replace_linear_with_dora
 from lora_helpers.gpt2 import GPT2Source, GPTModel, classify_logits, to_classifier
 from lora_helpers.lora import (
     load_lora_state_dict,
+    lora_layers,
+    lora_scaling,
     lora_state_dict,
     merge_lora,
     replace_linear_with_lora,
@@ -79,7 +83,41 @@ def test_combined_state_in_a_layer_of_summed_rank_gives_the_weighted_sum_of_outp
 )
 def test_combine_rejects_bad_input(states, weights, message):
     with pytest.raises(ValueError, match=message):
-        combine_lora_states(states, weights)
+        combine_lora_states(states, weights, scalings=[1.0] * len(states))
+
+
+def test_combine_needs_each_adapters_own_scaling():
+    with pytest.raises(ValueError, match=r"Give each adapter's scaling.*rsLoRA"):
+        combine_lora_states([_random_state(2, 0)], [1.0])
+
+
+@pytest.mark.parametrize(
+    ("rank", "alpha", "rslora"),
+    [(4, 4.0, True), (4, 8.0, False), (1, 3.0, True)],  # rsLoRA at alpha = rank: scaling 2, not 1
+)
+def test_an_adapter_combined_alone_at_weight_1_gives_back_its_own_update(rank, alpha, rslora):
+    torch.manual_seed(0)
+    base, x = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5)), torch.randn(4, 6)
+    model = replace_linear_with_lora(copy.deepcopy(base), rank, alpha, rslora=rslora)
+    for _, layer in lora_layers(model):
+        nn.init.normal_(layer.lora.B)
+    state = combine_lora_states([lora_state_dict(model)], [1.0], scalings=[lora_scaling(model)])
+    again = replace_linear_with_lora(copy.deepcopy(base), rank, alpha=rank)  # scaling 1
+    load_lora_state_dict(again, state)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x))
+
+
+def test_lora_scaling_refuses_a_model_without_one_scaling():
+    model = replace_linear_with_lora(nn.Sequential(nn.Linear(6, 5)), 4, 8.0)
+    assert lora_scaling(model) == 2.0
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        lora_scaling(nn.Sequential(nn.Linear(6, 5)))
+    mixed = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4))
+    replace_linear_with_lora(mixed, 4, 8.0, target_modules=["0"])
+    replace_linear_with_lora(mixed, 4, 4.0, target_modules=["1"])
+    with pytest.raises(ValueError, match=r"scalings \[1\.0, 2\.0\]"):
+        lora_scaling(mixed)
 
 
 def test_combine_rejects_states_of_different_layers_or_sizes():
@@ -87,11 +125,11 @@ def test_combine_rejects_states_of_different_layers_or_sizes():
     other.pop("2.lora.A")
     other.pop("2.lora.B")
     with pytest.raises(ValueError, match="same target modules"):
-        combine_lora_states([_random_state(2, 0), other], [1.0, 1.0])
+        combine_lora_states([_random_state(2, 0), other], [1.0, 1.0], scalings=[1.0, 1.0])
     wider = _random_state(2, 1)
     wider["0.lora.A"] = torch.randn(7, 2)
     with pytest.raises(ValueError, match="different base models"):
-        combine_lora_states([_random_state(2, 0), wider], [1.0, 1.0])
+        combine_lora_states([_random_state(2, 0), wider], [1.0, 1.0], scalings=[1.0, 1.0])
 
 
 # --------------------------------------------------------------- saving, loading, merging
@@ -205,3 +243,134 @@ def test_swapping_adapters_on_one_base(tmp_path):
 
 def test_forward_latency_is_a_positive_number_of_seconds():
     assert 0 < forward_latency(base_model(), IDS, repeats=3) < 10
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Everything a refused load must leave as it was."""
+    return {
+        "modules": [(name, type(m).__name__) for name, m in model.named_modules()],
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "requires_grad": [(name, p.requires_grad) for name, p in model.named_parameters()],
+        "tied": model.out_head.weight is model.tok_emb.weight,
+        "training": model.training,
+    }
+
+
+def assert_unchanged(model: nn.Module, before: dict) -> None:
+    after = snapshot(model)
+    assert after["modules"] == before["modules"]
+    assert after["state"].keys() == before["state"].keys()
+    for key, value in before["state"].items():
+        assert torch.equal(after["state"][key], value), key
+    assert after["requires_grad"] == before["requires_grad"]
+    assert (after["tied"], after["training"]) == (before["tied"], before["training"])
+
+
+def break_adapter(folder, how: str) -> None:
+    """Damage a saved adapter so that it passes the base checks but cannot fit."""
+    path = folder / "adapter.safetensors"
+    tensors = load_file(str(path))
+    if how == "lora shape":  # a tensor of another rank than the config says
+        key = next(k for k in tensors if k.endswith(".lora.B"))
+        tensors[key] = torch.zeros(3, tensors[key].shape[1])
+    elif how == "head shape":
+        tensors["out_head.weight"] = torch.zeros(3, tensors["out_head.weight"].shape[1])
+    elif how == "missing lora":
+        tensors.pop(next(k for k in tensors if k.endswith(".lora.A")))
+    elif how == "unknown target":
+        config = json.loads((folder / "adapter_config.json").read_text())
+        config["targets"] = [*config["targets"], "trf_blocks.0.att.W_nothing"]
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+    save_file(tensors, str(path))
+
+
+@pytest.mark.parametrize("how", ["lora shape", "head shape", "missing lora", "unknown target"])
+def test_a_refused_load_into_a_fresh_base_leaves_it_as_it_was(tmp_path, how):
+    folder = save_adapter(trained_lora(seed=1), tmp_path / "spam", SOURCE)
+    break_adapter(folder, how)
+    model = base_model().train()
+    before = snapshot(model)
+    assert before["tied"]
+    with pytest.raises(ValueError, match=r"do not fit|in the file but|Unknown target"):
+        load_adapter(model, folder)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("how", ["lora shape", "head shape", "missing lora"])
+def test_a_refused_swap_keeps_the_adapter_that_was_loaded(tmp_path, how):
+    good = save_adapter(trained_lora(seed=1), tmp_path / "good", SOURCE)
+    bad = save_adapter(trained_lora(seed=2), tmp_path / "bad", SOURCE)
+    break_adapter(bad, how)
+    model = load_adapter(base_model(), good)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"do not fit|in the file but"):
+        load_adapter(model, bad)
+    assert_unchanged(model, before)
+
+
+# --------------------------------------------------------------- tied and shared weights
+
+
+def lm_with_lora_on_every_linear(merge_kind: str = "lora") -> GPTModel:
+    """The tiny GPT as a language model (out_head tied to tok_emb), every linear adapted."""
+    model = base_model()
+    assert model.out_head.weight is model.tok_emb.weight
+    add = replace_linear_with_lora if merge_kind == "lora" else replace_linear_with_dora
+    add(model, 4, 8)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora.B"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_merging_into_a_tied_weight_is_refused_and_changes_nothing(kind):
+    model = lm_with_lora_on_every_linear(kind)
+    embedding = model.tok_emb.weight.detach().clone()
+    before = logits(model)
+    merge = merge_lora if kind == "lora" else merge_dora
+    with pytest.raises(ValueError, match=r"'out_head' is also 'tok_emb\.weight' \(a tied"):
+        merge(model)
+    assert torch.equal(model.tok_emb.weight, embedding)
+    assert not any(m.merged for _, m in [*lora_layers(model), *dora_layers(model)])
+    torch.testing.assert_close(logits(model), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_merging_a_linear_used_at_two_places_is_refused(kind):
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential()
+    model.add_module("first", shared)
+    model.add_module("act", nn.ReLU())
+    model.add_module("second", shared)  # the same module object again
+    add = replace_linear_with_lora if kind == "lora" else replace_linear_with_dora
+    add(model, 2, 4)
+    merge = merge_lora if kind == "lora" else merge_dora
+    with pytest.raises(ValueError, match=r"'first' is also 'second\.weight'"):
+        merge(model)
+
+
+def test_untied_on_purpose_the_merge_goes_ahead_and_leaves_the_embedding_alone():
+    model = lm_with_lora_on_every_linear()
+    head = model.out_head.linear
+    head.weight = nn.Parameter(head.weight.detach().clone())
+    embedding = model.tok_emb.weight.detach().clone()
+    before = logits(model)
+    merge_lora(model)
+    assert torch.equal(model.tok_emb.weight, embedding)
+    torch.testing.assert_close(logits(model), before, rtol=1e-5, atol=1e-5)
+
+
+def test_an_lm_adapter_leaves_the_tied_embedding_to_the_base(tmp_path):
+    model = lm_with_lora_on_every_linear()
+    folder = save_adapter(model, tmp_path / "lm", SOURCE)
+    saved = load_file(str(folder / "adapter.safetensors"))
+    assert not any(k.startswith("out_head.") and ".lora." not in k for k in saved)
+    assert sum(t.numel() for t in saved.values()) == sum(
+        p.numel() for n, p in model.named_parameters() if ".lora." in n
+    )
+    fresh = load_adapter(base_model(), folder, SOURCE)
+    assert fresh.out_head.linear.weight is fresh.tok_emb.weight  # still tied
+    torch.testing.assert_close(logits(fresh), logits(model), rtol=0, atol=0)

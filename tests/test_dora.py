@@ -13,7 +13,7 @@ from lora_helpers.dora import (
     merge_dora,
     replace_linear_with_dora,
 )
-from lora_helpers.lora import count_parameters
+from lora_helpers.lora import RankWarning, count_parameters
 
 
 def hand_layer() -> nn.Linear:
@@ -146,10 +146,15 @@ def test_model_without_linear_layers_is_refused():
         replace_linear_with_dora(nn.Sequential(nn.ReLU()), rank=1, alpha=1)
 
 
-@pytest.mark.parametrize("rank", [0, -1, 1.5, 9])
+@pytest.mark.parametrize("rank", [0, -1, 1.5])
 def test_invalid_rank_is_refused(rank):
     with pytest.raises(ValueError, match="rank"):
         LinearWithDoRA(nn.Linear(8, 8), rank=rank, alpha=1)
+
+
+def test_a_rank_above_min_in_out_only_warns_as_for_lora():
+    with pytest.warns(RankWarning, match=r"rank 9 is larger than min\(in_dim=8, out_dim=8\)"):
+        LinearWithDoRA(nn.Linear(8, 8), rank=9, alpha=1)
 
 
 def test_non_linear_is_refused():

@@ -6,10 +6,12 @@ import pytest
 import torch
 from torch import nn
 
+from lora_helpers.dora import dora_layers, merge_dora, replace_linear_with_dora
 from lora_helpers.lora import (
     LinearWithLoRA,
     LoRALayer,
     ParameterCount,
+    RankWarning,
     count_parameters,
     freeze,
     load_lora_state_dict,
@@ -126,7 +128,6 @@ def test_extra_repr_names_the_scaling_rule():
         ({"rank": -2}, "rank must be a positive integer"),
         ({"rank": 2.0}, "rank must be a positive integer"),
         ({"rank": True}, "rank must be a positive integer"),
-        ({"rank": 5}, r"rank 5 is larger than min\(in_dim=4, out_dim=6\) = 4"),
         ({"alpha": float("nan")}, "alpha must be a finite number"),
         ({"alpha": float("inf")}, "alpha must be a finite number"),
         ({"alpha": "8"}, "alpha must be a finite number"),
@@ -225,9 +226,28 @@ def test_linear_with_lora_rejects_non_linear_layers():
         LinearWithLoRA(Conv1D(), rank=2, alpha=2)
 
 
-def test_linear_with_lora_checks_rank_against_the_layer():
-    with pytest.raises(ValueError, match=r"rank 5 is larger than min\(in_dim=8, out_dim=4\)"):
-        LinearWithLoRA(nn.Linear(8, 4), rank=5, alpha=5)
+def test_a_rank_above_min_in_out_is_allowed_with_a_warning_that_counts_the_waste():
+    with pytest.warns(RankWarning, match=r"rank 5 is larger than min\(in_dim=8, out_dim=4\)") as w:
+        layer = LinearWithLoRA(nn.Linear(8, 4), rank=5, alpha=5)
+    assert "12 of its parameters buy nothing. Rank 4 gives the same updates." in str(w[0].message)
+    assert layer.lora.A.shape == (8, 5)
+    with pytest.warns(RankWarning, match=r"rank 5 is larger than min\(in_dim=4, out_dim=6\)"):
+        LoRALayer(4, 6, rank=5, alpha=5)
+
+
+def test_the_books_recipe_runs_with_one_warning_that_names_the_layer():
+    """The reference appendix: replace_linear_with_lora(model, rank=16, alpha=16) on a model whose
+    2-class head is smaller than the rank. PEFT accepts it too."""
+    model = TinyNet()  # head: 8 -> 3
+    with pytest.warns(RankWarning) as caught:
+        replace_linear_with_lora(model, rank=4, alpha=4)
+    assert len(caught) == 1
+    assert "rank 4 is larger than min(in, out) of 1 layer(s): 'head' (8 -> 3)" in str(
+        caught[0].message
+    )
+    assert len(list(lora_layers(model))) == 5
+    lora_params = 4 * 4 * (8 + 8) + 4 * (8 + 3)  # four 8 -> 8 layers and the 8 -> 3 head
+    assert count_parameters(mark_only_lora_as_trainable(model)).trainable == lora_params
 
 
 def test_matches_peft_lora_on_the_same_weights():
@@ -298,6 +318,39 @@ def test_replace_twice_does_not_wrap_a_wrapped_layer():
         replace_linear_with_lora(model, rank=2, alpha=4)
 
 
+def _structure(model: nn.Module) -> list[tuple[str, str]]:
+    return [(name, type(m).__name__) for name, m in model.named_modules()]
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("dora", "lora"),  # forward used to fail later: 'LinearWithLoRA' has no attribute 'weight'
+        ("lora", "dora"),  # used to stack silently: DoRA around LoRA's inner layer
+        ("dora", "dora-targets"),
+        ("lora", "lora-targets"),  # a named layer that already carries LoRA
+    ],
+)
+def test_a_second_adapter_on_an_adapted_layer_is_refused_at_wrap_time(first, second):
+    add = {"lora": replace_linear_with_lora, "dora": replace_linear_with_dora}
+    model = add[first](TinyNet(), 2, 4, target_modules=["W_query"])
+    before = _structure(model)
+    kind, _, targets = second.partition("-")
+    wrapped = {"lora": "LinearWithLoRA", "dora": "LinearWithDoRA"}
+    with pytest.raises(ValueError, match=r"Layer 'blocks\.0\.W_query' \(and 1 more\)") as info:
+        add[kind](model, 2, 4, target_modules=["W_query"] if targets else None)
+    assert f"already carries a {wrapped[first]}; a {wrapped[kind]} on top" in str(info.value)
+    assert _structure(model) == before  # refused before anything was wrapped
+
+
+def test_other_layers_can_still_get_another_kind_of_adapter():
+    model = replace_linear_with_dora(TinyNet(), 2, 4, target_modules=["W_query"])
+    replace_linear_with_lora(model, 2, 4, target_modules=["W_value", "head"])
+    assert [n for n, _ in dora_layers(model)] == ["blocks.0.W_query", "blocks.1.W_query"]
+    assert [n for n, _ in lora_layers(model)] == ["blocks.0.W_value", "blocks.1.W_value", "head"]
+    assert model(torch.randn(3, 8)).shape == (3, 3)
+
+
 def test_replace_explains_a_model_without_linear_layers():
     class Conv1D(nn.Module):
         pass
@@ -311,8 +364,6 @@ def test_replace_explains_a_model_without_linear_layers():
 def test_replace_rejects_bad_rank_and_alpha():
     with pytest.raises(ValueError, match="rank must be a positive integer"):
         replace_linear_with_lora(TinyNet(), rank=0, alpha=4)
-    with pytest.raises(ValueError, match="larger than min"):
-        replace_linear_with_lora(TinyNet(), rank=4, alpha=4, target_modules=["head"])
     with pytest.raises(ValueError, match="alpha must be a finite number"):
         replace_linear_with_lora(TinyNet(), rank=2, alpha=float("nan"))
 
@@ -415,3 +466,50 @@ def test_load_lora_state_dict_errors():
 def test_replace_refuses_a_bare_linear_and_names_the_single_layer_class():
     with pytest.raises(TypeError, match=r"for a single layer use LinearWithLoRA\(linear"):
         replace_linear_with_lora(nn.Linear(4, 4), rank=2, alpha=4)
+
+
+# --------------------------------------------------------------- merged is part of the state
+
+
+def _mlp(kind: str = "lora", seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    add = replace_linear_with_lora if kind == "lora" else replace_linear_with_dora
+    add(model, 2, 4)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora.B"):
+                p.copy_(torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+@pytest.mark.parametrize(("saved_merged", "loaded_merged"), [(True, False), (False, True)])
+def test_a_state_loads_as_merged_or_not_as_it_was_saved(kind, saved_merged, loaded_merged):
+    merge = merge_lora if kind == "lora" else merge_dora
+    x = torch.randn(5, 8)
+    saved = _mlp(kind, seed=0)
+    with torch.no_grad():
+        expected = saved(x)
+    if saved_merged:
+        merge(saved)
+    other = _mlp(kind, seed=3)  # same settings, other weights
+    if loaded_merged:
+        merge(other)
+    other.load_state_dict(saved.state_dict())  # strict
+    assert [other[i].merged for i in (0, 2)] == [saved_merged] * 2
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_plain_layers_state_is_unmerged_and_a_partial_one_changes_nothing():
+    x = torch.randn(5, 8)
+    merged = merge_lora(_mlp(seed=0))
+    plain = {k: v for k, v in _mlp(seed=0).state_dict().items() if not k.endswith("merged_flag")}
+    merged.load_state_dict(plain)  # like a from-scratch layer's state: no flag, unmerged weight
+    assert not merged[0].merged
+    torch.testing.assert_close(merged(x), _mlp(seed=0)(x))
+    merge_lora(merged)
+    merged.load_state_dict(lora_state_dict(_mlp(seed=0)), strict=False)  # A and B only
+    assert merged[0].merged
