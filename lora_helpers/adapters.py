@@ -3,8 +3,9 @@
 An adapter is a folder of two files: adapter.safetensors holds only the LoRA tensors
 ("<layer>.lora.A", "<layer>.lora.B") and the new classifier head ("out_head.*", which no
 pretrained checkpoint has); adapter_config.json holds what is needed to rebuild the model
-around them: base model name, a fingerprint of its architecture, rank, alpha, rslora,
-the wrapped layers and the number of classes.
+around them: base model name, a fingerprint of its architecture, a probe of its weights
+(so that an adapter does not load into another base of the same shapes), rank, alpha,
+rslora, the wrapped layers and the number of classes.
 
 combine_lora_states adds several adapters' updates, weighted, into one LoRA state.
 For inference, merge with lora_helpers.lora.merge_lora; forward_latency times the result.
@@ -115,14 +116,10 @@ def _head(model: nn.Module) -> nn.Linear:
     return head.linear if isinstance(head, LinearWithLoRA) else head
 
 
-def base_fingerprint(model: nn.Module) -> str:
-    """16 hex digits naming the base architecture: every base tensor's name and shape.
-
-    LoRA tensors and the classifier head are left out, so a model has the same fingerprint
-    before and after to_classifier and replace_linear_with_lora.
-    """
+def _base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's tensors under the names they have without LoRA, head left out."""
     wrapped = [f"{name}.linear." for name, _ in lora_layers(model)]
-    digest = hashlib.sha256()
+    tensors = {}
     for key, tensor in model.state_dict().items():
         if key.startswith("out_head.") or ".lora." in key or key.endswith(".merged_flag"):
             continue
@@ -130,8 +127,51 @@ def base_fingerprint(model: nn.Module) -> str:
             if key.startswith(prefix):
                 key = prefix.removesuffix("linear.") + key.removeprefix(prefix)
                 break
+        tensors[key] = tensor
+    return tensors
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """16 hex digits naming the base architecture: every base tensor's name and shape.
+
+    LoRA tensors and the classifier head are left out, so a model has the same fingerprint
+    before and after to_classifier and replace_linear_with_lora.
+    """
+    digest = hashlib.sha256()
+    for key, tensor in _base_tensors(model).items():
         digest.update(f"{key}:{tuple(tensor.shape)};".encode())
     return digest.hexdigest()[:16]
+
+
+def base_probe(model: nn.Module, targets: list[str]) -> list[str]:
+    """Up to 16 of the base's weights, as fixed-width strings ("+1.234e-02"): its values' fingerprint.
+
+    Four evenly spaced values from each of the first four matrices that no LoRA target
+    touches (for GPT-2: the token and position embeddings), so merging does not change
+    them. Two bases of the same shapes (pretrained GPT-2 and the random stand-in, or
+    stand-ins of two seeds) differ here; one base on two CPUs agrees far within the
+    1e-3 that load_adapter allows.
+    """
+    matrices = [
+        tensor
+        for key, tensor in _base_tensors(model).items()
+        if tensor.dim() == 2
+        and tensor.is_floating_point()
+        and not any(key.startswith(f"{target}.") for target in targets)
+    ][:4]
+    values = []
+    for tensor in matrices:
+        flat = tensor.detach().reshape(-1)
+        for i in torch.linspace(0, flat.numel() - 1, 4).round().long().tolist():
+            values.append(f"{float(flat[i]):+.3e}")
+    return values
+
+
+def _same_probe(saved: list[str], ours: list[str]) -> bool:
+    return len(saved) == len(ours) and all(
+        math.isclose(float(a), float(b), rel_tol=1e-3, abs_tol=1e-6)
+        for a, b in zip(saved, ours, strict=True)
+    )
 
 
 def _write_atomically(path: Path, write) -> None:
@@ -172,6 +212,7 @@ def save_adapter(model: nn.Module, directory: str | Path, source: GPT2Source) ->
         "base_model": source.name,
         "pretrained": bool(source.pretrained),
         "base_fingerprint": base_fingerprint(model),
+        "base_probe": base_probe(model, list(layers)),
         "rank": rank,
         "alpha": alpha,
         "rslora": rslora,
@@ -232,6 +273,13 @@ def load_adapter(
             f"This adapter was trained on {wanted}, whose layers differ from this model's "
             f"(fingerprint {config['base_fingerprint']} vs {base_fingerprint(model)}); "
             "load it into the base model it was trained on."
+        )
+    probe = config.get("base_probe")  # adapters saved before probes existed have none
+    if probe is not None and not _same_probe(probe, base_probe(model, config["targets"])):
+        raise ValueError(
+            f"This adapter was trained on {wanted}, whose weights differ from this model's "
+            "(same shapes, other values: another checkpoint, or a random stand-in of another "
+            "seed); load it into the base model it was trained on."
         )
     layers = dict(lora_layers(model))
     if layers:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import LoRALayer, check_unshared, freeze, wrap_linear_layers
+from .lora import LoRALayer, adapter_dtype, check_unshared, freeze, wrap_linear_layers
 
 
 def _row_norms(weight: torch.Tensor) -> torch.Tensor:
@@ -40,10 +40,11 @@ class LinearWithDoRA(nn.Module):
             rank,
             alpha,
             rslora=rslora,
-            dtype=linear.weight.dtype,
+            dtype=adapter_dtype(linear.weight.dtype),
             device=linear.weight.device,
         )
-        norms = _row_norms(linear.weight.detach())
+        # m, like A and B, in float32 on a half-precision base
+        norms = _row_norms(linear.weight.detach().to(self.lora.A.dtype))
         if not (norms > 0).all():
             raise ValueError(
                 f"Row {int((norms == 0).nonzero()[0])} of the weight is all zeros, so its direction "
@@ -75,7 +76,7 @@ class LinearWithDoRA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.linear(x)
-        return F.linear(x, self.adapted_weight(), self.linear.bias)
+        return F.linear(x, self.adapted_weight().to(x.dtype), self.linear.bias)
 
     @torch.no_grad()
     def merge(self) -> None:

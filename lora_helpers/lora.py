@@ -45,6 +45,15 @@ def _check_rank_alpha(rank: int, alpha: float, in_dim: int, out_dim: int) -> Non
         )
 
 
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """The dtype LoRA's A and B train in: float32 on a float16/bfloat16 base, else the base's.
+
+    Half-precision adapters lose the small updates they are made of; PEFT keeps them in
+    float32 too. Layers cast at the boundary: input to this dtype, the update back.
+    """
+    return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+
+
 class LoRALayer(nn.Module):
     """The low-rank update alone: x (..., in_dim) -> scaling * x @ A @ B, shape (..., out_dim).
 
@@ -132,7 +141,7 @@ class LinearWithLoRA(nn.Module):
             alpha,
             dropout=dropout,
             rslora=rslora,
-            dtype=linear.weight.dtype,
+            dtype=adapter_dtype(linear.weight.dtype),
             device=linear.weight.device,
         )
         self.merged = False
@@ -143,21 +152,26 @@ class LinearWithLoRA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.linear(x)
-        return self.linear(x) + self.lora(x)
+        return self.linear(x) + self.lora(x.to(self.lora.A.dtype)).to(x.dtype)
 
     @torch.no_grad()
+    def _add_update(self, sign: float) -> None:
+        """W <- W + sign * delta, summed in the wider of the two dtypes and rounded once."""
+        weight = self.linear.weight
+        wide = torch.promote_types(weight.dtype, self.lora.A.dtype)
+        weight.copy_(weight.to(wide) + sign * self.lora.delta_weight().to(wide))
+
     def merge(self) -> None:
         """Fold the update into the base weight: W <- W + scaling * (A @ B)^T. One matmul per call after."""
         if not self.merged:
-            self.linear.weight += self.lora.delta_weight().to(self.linear.weight.dtype)
+            self._add_update(1.0)
             self.merged = True
             self.merged_flag.fill_(True)
 
-    @torch.no_grad()
     def unmerge(self) -> None:
         """Undo merge(): W <- W - scaling * (A @ B)^T, back to base plus a separate LoRA path."""
         if self.merged:
-            self.linear.weight -= self.lora.delta_weight().to(self.linear.weight.dtype)
+            self._add_update(-1.0)
             self.merged = False
             self.merged_flag.fill_(False)
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import LoRALayer
+from .lora import LoRALayer, adapter_dtype
 
 SCHEMES = ("int4", "nf4")
 
@@ -196,12 +196,12 @@ class QuantizedLinearWithLoRA(nn.Module):
             alpha,
             dropout=dropout,
             rslora=rslora,
-            dtype=base.weight_dtype,
+            dtype=adapter_dtype(base.weight_dtype),
             device=base.absmax.device,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.lora(x)
+        return self.base(x) + self.lora(x.to(self.lora.A.dtype)).to(x.dtype)
 
     @torch.no_grad()
     def merged_linear(self) -> nn.Linear:

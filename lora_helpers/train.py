@@ -149,10 +149,25 @@ class History:
         return self.steps[self.val_loss.index(self.best_val_loss)]
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The mixed-precision dtype for training on `device`: None means plain float32.
+
+    bf16 on CUDA GPUs that compute it natively (Ampere and newer); fp16, with a gradient
+    scaler, on older ones such as the T4 and V100 of free Colab, where
+    torch.cuda.is_bf16_supported() alone is True but bf16 is only emulated, and slow.
+    None on CPU and MPS.
+    """
+    if device.type != "cuda":
+        return None
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.bfloat16
+    return torch.float16
+
+
 def _autocast(device: torch.device):
-    """bf16 autocast on CUDA GPUs that support it, else a no-op context."""
-    enabled = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+    """Autocast to autocast_dtype(device), or a no-op context where that is None."""
+    dtype = autocast_dtype(device)
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 @torch.no_grad()
@@ -229,6 +244,8 @@ def train_classifier(
             params, lr=lr, weight_decay=weight_decay, fused=device.type in ("cuda", "cpu")
         )
         history = History(steps_per_epoch=len(train_loader))
+        fp16 = autocast_dtype(device) == torch.float16
+        scaler = torch.amp.GradScaler("cuda" if fp16 else "cpu", enabled=fp16)
         best = protocol.BestStep(params) if keep_best else None
         seen_loss, seen_correct, seen = 0.0, 0, 0  # training batches since the last evaluation
         total = (
@@ -246,7 +263,7 @@ def train_classifier(
                     if step == total:
                         break
                     loss, correct = _train_step(
-                        model, optimizer, params, ids, labels, device, grad_clip
+                        model, optimizer, scaler, params, ids, labels, device, grad_clip
                     )
                     if not math.isfinite(loss):
                         raise TrainingStopped(
@@ -297,17 +314,25 @@ def train_classifier(
         return history
 
 
-def _train_step(model, optimizer, params, ids, labels, device, grad_clip) -> tuple[float, int]:
-    """One optimizer step on a batch; returns its (mean loss, number of correct predictions)."""
+def _train_step(
+    model, optimizer, scaler, params, ids, labels, device, grad_clip
+) -> tuple[float, int]:
+    """One optimizer step on a batch; returns its (mean loss, number of correct predictions).
+
+    With fp16 autocast the scaler scales the loss up before backward (fp16 gradients would
+    underflow) and the gradients back down before clipping; elsewhere it does nothing.
+    """
     ids, labels = ids.to(device), labels.to(device)
     with _autocast(device):
         logits = classify_logits(model, ids).float()
     loss = F.cross_entropy(logits, labels)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    scaler.scale(loss).backward()
     if grad_clip is not None:
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    optimizer.step()
+    scaler.step(optimizer)
+    scaler.update()
     return loss.item(), int((logits.argmax(-1) == labels).sum())
 
 

@@ -374,3 +374,43 @@ def test_an_lm_adapter_leaves_the_tied_embedding_to_the_base(tmp_path):
     fresh = load_adapter(base_model(), folder, SOURCE)
     assert fresh.out_head.linear.weight is fresh.tok_emb.weight  # still tied
     torch.testing.assert_close(logits(fresh), logits(model), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------- same shapes, other weights
+
+
+def test_an_adapter_does_not_load_into_another_base_of_the_same_shapes(tmp_path):
+    folder = save_adapter(trained_lora(seed=1), tmp_path / "spam", SOURCE)
+    assert len(read_adapter_config(folder)["base_probe"]) == 8  # tok_emb and pos_emb, 4 each
+    torch.manual_seed(1)  # the stand-in of another seed: same shapes, other weights
+    other = GPTModel(TINY).eval()
+    assert base_fingerprint(other) == base_fingerprint(base_model())
+    before = snapshot(other)
+    with pytest.raises(ValueError, match=r"whose weights differ from this model's \(same shapes"):
+        load_adapter(other, folder, SOURCE)
+    assert_unchanged(other, before)
+
+
+@pytest.mark.parametrize(("change", "loads"), [(1e-2, False), (1e-7, True)])
+def test_the_weight_probe_tells_other_weights_from_round_off(tmp_path, change, loads):
+    """A 1 % change of the embeddings is another base; a change at float32 round-off (what
+    another CPU's kernels give a random stand-in) is the same one."""
+    folder = save_adapter(trained_lora(seed=1), tmp_path / "spam", SOURCE)
+    model = base_model()
+    with torch.no_grad():
+        model.tok_emb.weight.mul_(1 + change)
+    if loads:
+        load_adapter(model, folder, SOURCE)
+    else:
+        with pytest.raises(ValueError, match="whose weights differ"):
+            load_adapter(model, folder, SOURCE)
+
+
+def test_an_adapter_without_a_probe_still_loads(tmp_path):
+    folder = save_adapter(trained_lora(seed=1), tmp_path / "spam", SOURCE)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    del config["base_probe"]  # written before probes existed
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    torch.testing.assert_close(
+        logits(load_adapter(base_model(), folder)), logits(trained_lora(seed=1)), rtol=0, atol=0
+    )

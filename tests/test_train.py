@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from tiny_gpt import SOURCE, TINY
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lora_helpers import protocol, train
@@ -434,3 +435,70 @@ def _argmax_at_position(model, texts, length):
 
 def test_device_slug_is_file_name_safe():
     assert train.device_slug(CPU) == "cpu"
+
+
+# --------------------------------------------------------------- mixed precision on GPUs
+
+
+@pytest.mark.parametrize(
+    ("native_bf16", "expected"),
+    [(True, torch.bfloat16), (False, torch.float16)],  # Ampere and newer; T4 / V100
+)
+def test_autocast_uses_bf16_only_where_the_gpu_computes_it(monkeypatch, native_bf16, expected):
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        return including_emulation or native_bf16  # emulation counts as support by default
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert train.autocast_dtype(torch.device("cuda")) == expected
+    assert train.autocast_dtype(torch.device("cpu")) is None
+    assert train.autocast_dtype(torch.device("mps")) is None
+
+
+class RecordingScaler:
+    """GradScaler's interface, recording the order of calls and the gradient at clipping."""
+
+    def __init__(self, params):
+        self.calls, self.params = [], params
+
+    def scale(self, loss):
+        self.calls.append("scale")
+        return loss * 1024.0
+
+    def unscale_(self, optimizer):
+        self.calls.append("unscale_")
+        for p in self.params:
+            p.grad /= 1024.0
+
+    def step(self, optimizer):
+        self.calls.append("step")
+        optimizer.step()
+
+    def update(self):
+        self.calls.append("update")
+
+
+def test_a_train_step_unscales_before_clipping_and_steps_through_the_scaler():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    reference = copy.deepcopy(model)
+    params = list(model.parameters())
+    scaler = RecordingScaler(params)
+
+    class LastPosition(nn.Module):  # classify_logits reads the last position
+        def __init__(self, linear: nn.Linear) -> None:
+            super().__init__()
+            self.linear = linear
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.linear(ids.float()).unsqueeze(1)
+
+    ids, labels = torch.randn(3, 4), torch.tensor([0, 1, 0])
+    nn.functional.cross_entropy(reference(ids), labels).backward()  # the true gradient
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    train._train_step(
+        LastPosition(model), optimizer, scaler, params, ids, labels, torch.device("cpu"), 1e9
+    )
+    assert scaler.calls == ["scale", "unscale_", "step", "update"]
+    for p, r in zip(params, reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, r.grad)  # unscaled before clipping and stepping
+        torch.testing.assert_close(p.detach(), r.detach() - 0.1 * r.grad)
