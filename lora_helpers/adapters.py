@@ -31,6 +31,7 @@ from .lora import (
     evaluating,
     load_lora_state_dict,
     lora_layers,
+    lora_scaling,
     lora_state_dict,
     mark_only_lora_as_trainable,
     replace_linear_with_lora,
@@ -38,7 +39,7 @@ from .lora import (
 
 
 def combine_lora_states(
-    states: list[dict[str, torch.Tensor]],
+    states: list[dict[str, torch.Tensor] | nn.Module],
     weights: list[float],
     *,
     scalings: list[float] | None = None,
@@ -47,9 +48,10 @@ def combine_lora_states(
     """One LoRA state whose update is exactly the weighted sum of the given adapters' updates.
 
     For every layer, adapter i holds A_i (in_dim, r_i), B_i (r_i, out_dim) and is applied
-    with scaling s_i: alpha_i / r_i, or alpha_i / sqrt(r_i) with rsLoRA. A state dict does
-    not record it, so `scalings` is required: take each from the adapter's own settings,
-    e.g. lora_scaling(model) of the model it came from. Stacking along the rank dimension,
+    with scaling s_i: alpha_i / r_i, or alpha_i / sqrt(r_i) with rsLoRA. Pass the models
+    the adapters live in, and each one's scaling is read from its own LoRA layers; or pass
+    state dicts (lora_state_dict), which do not record it, with `scalings`, e.g.
+    lora_scaling(model) of the model each came from. Stacking along the rank dimension,
 
         A = [w_1 s_1 A_1 | w_2 s_2 A_2 | ...] / new_scaling,   B = [B_1; B_2; ...],
 
@@ -62,11 +64,21 @@ def combine_lora_states(
         raise ValueError(
             f"Got {len(states)} LoRA states but {len(weights)} weights; give one weight per state."
         )
+    models = [isinstance(state, nn.Module) for state in states]
+    if any(models):
+        if not all(models) or scalings is not None:
+            raise ValueError(
+                "Pass either models (each adapter's scaling is read from it) or state dicts "
+                "with scalings=[...], not a mix."
+            )
+        scalings = [lora_scaling(model) for model in states]
+        states = [lora_state_dict(model) for model in states]
     if scalings is None:
         raise ValueError(
             "Give each adapter's scaling, e.g. scalings=[lora_scaling(model) for model in "
-            "models]: alpha / r, or alpha / sqrt(r) for rsLoRA. A state dict does not record it, "
-            "and assuming alpha = rank would shrink an rsLoRA adapter's update."
+            "models], or pass the models themselves: alpha / r, or alpha / sqrt(r) for rsLoRA. "
+            "A state dict does not record it, and assuming alpha = rank would shrink an "
+            "rsLoRA adapter's update."
         )
     scalings = list(scalings)
     if len(scalings) != len(states):

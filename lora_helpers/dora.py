@@ -28,7 +28,15 @@ def _row_norms(weight: torch.Tensor) -> torch.Tensor:
 class LinearWithDoRA(nn.Module):
     """A frozen nn.Linear adapted by DoRA: x (..., in) -> x W'^T + b, shape (..., out)."""
 
-    def __init__(self, linear: nn.Linear, rank: int, alpha: float, *, rslora: bool = False) -> None:
+    def __init__(
+        self,
+        linear: nn.Linear,
+        rank: int,
+        alpha: float,
+        *,
+        rslora: bool = False,
+        exact_norm_gradient: bool = False,
+    ) -> None:
         super().__init__()
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"LinearWithDoRA wraps an nn.Linear, got {type(linear).__name__}.")
@@ -51,6 +59,7 @@ class LinearWithDoRA(nn.Module):
                 "W / ||W|| is undefined; DoRA needs a weight with no zero rows (use LoRA here)."
             )
         self.m = nn.Parameter(norms.clone())
+        self.exact_norm_gradient = exact_norm_gradient
         # set by merge(): the row norms of W + dW, needed to undo the merge
         self.register_buffer("merged_norms", None)
 
@@ -69,9 +78,18 @@ class LinearWithDoRA(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def adapted_weight(self) -> torch.Tensor:
-        """W' = m * (W + dW) / ||W + dW|| (row-wise), shape (out, in)."""
+        """W' = m * (W + dW) / ||W + dW|| (row-wise), shape (out, in).
+
+        Backpropagation treats ||W + dW|| as a constant, detached from the gradient graph, as
+        the DoRA paper suggests (section 4.3, to reduce the memory training needs) and PEFT
+        does; exact_norm_gradient=True lets the gradient flow through the norm as well. The
+        forward pass is the same either way.
+        """
         combined = self.linear.weight + self.lora.delta_weight()
-        return (self.m / _row_norms(combined))[:, None] * combined
+        norms = _row_norms(combined)
+        if not self.exact_norm_gradient:
+            norms = norms.detach()
+        return (self.m / norms)[:, None] * combined
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
@@ -95,7 +113,8 @@ class LinearWithDoRA(nn.Module):
             self.merged_norms = None
 
     def extra_repr(self) -> str:
-        return f"merged={self.merged}"
+        exact = ", exact_norm_gradient=True" if self.exact_norm_gradient else ""
+        return f"merged={self.merged}{exact}"
 
 
 def replace_linear_with_dora(
@@ -105,14 +124,22 @@ def replace_linear_with_dora(
     target_modules: Iterable[str] | None = None,
     *,
     rslora: bool = False,
+    exact_norm_gradient: bool = False,
 ) -> nn.Module:
     """Replace nn.Linear layers of `model` in place by LinearWithDoRA; returns `model`.
 
     target_modules as in replace_linear_with_lora: None for every nn.Linear, else names matched
-    against each layer's qualified name, whole or as a dotted suffix.
+    against each layer's qualified name, whole or as a dotted suffix. exact_norm_gradient as
+    in LinearWithDoRA (default: the paper's constant norm).
     """
     return wrap_linear_layers(
-        model, LinearWithDoRA, target_modules, rank=rank, alpha=alpha, rslora=rslora
+        model,
+        LinearWithDoRA,
+        target_modules,
+        rank=rank,
+        alpha=alpha,
+        rslora=rslora,
+        exact_norm_gradient=exact_norm_gradient,
     )
 
 

@@ -89,19 +89,30 @@ def test_combine_rejects_bad_input(states, weights, message):
 def test_combine_needs_each_adapters_own_scaling():
     with pytest.raises(ValueError, match=r"Give each adapter's scaling.*rsLoRA"):
         combine_lora_states([_random_state(2, 0)], [1.0])
+    model = replace_linear_with_lora(nn.Sequential(nn.Linear(6, 5)), 2, 4.0)
+    with pytest.raises(ValueError, match="not a mix"):
+        combine_lora_states([model, lora_state_dict(model)], [1.0, 1.0])
+    with pytest.raises(ValueError, match="not a mix"):
+        combine_lora_states([model], [1.0], scalings=[2.0])
 
 
+@pytest.mark.parametrize("pass_models", [False, True])
 @pytest.mark.parametrize(
     ("rank", "alpha", "rslora"),
     [(4, 4.0, True), (4, 8.0, False), (1, 3.0, True)],  # rsLoRA at alpha = rank: scaling 2, not 1
 )
-def test_an_adapter_combined_alone_at_weight_1_gives_back_its_own_update(rank, alpha, rslora):
+def test_an_adapter_combined_alone_at_weight_1_gives_back_its_own_update(
+    rank, alpha, rslora, pass_models
+):
     torch.manual_seed(0)
     base, x = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5)), torch.randn(4, 6)
     model = replace_linear_with_lora(copy.deepcopy(base), rank, alpha, rslora=rslora)
     for _, layer in lora_layers(model):
         nn.init.normal_(layer.lora.B)
-    state = combine_lora_states([lora_state_dict(model)], [1.0], scalings=[lora_scaling(model)])
+    if pass_models:  # each adapter's scaling read from its own layers
+        state = combine_lora_states([model], [1.0])
+    else:
+        state = combine_lora_states([lora_state_dict(model)], [1.0], scalings=[lora_scaling(model)])
     again = replace_linear_with_lora(copy.deepcopy(base), rank, alpha=rank)  # scaling 1
     load_lora_state_dict(again, state)
     with torch.no_grad():

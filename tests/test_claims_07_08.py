@@ -5,8 +5,8 @@ notebooks/07_intrinsic_rank.ipynb or notebooks/08_beyond_lora.ipynb. The runs us
 notebooks' settings (pretrained model, task, data, targets, rank, alpha, steps, seeds 0-2),
 with one shortcut: instead of tuning each method over the grid (3e-3, 1e-2, 3e-2) again,
 every method runs at the learning rate the notebook picked from that grid on validation data,
-which is 3e-2 for every method of both notebooks (printed there). So each method runs once
-per seed, and the numbers below are the notebooks' numbers.
+which is 3e-2 for every method of both notebooks except DoRA of rank 4 in 08 (1e-2; printed
+there). So each method runs once per seed, and the numbers below are the notebooks' numbers.
 
 The grids stop at 3e-2 because runs at 0.1 and above are chaotic: their results change in
 visible digits with the CPU's rounding. The runs here are not; the studies run in float64
@@ -19,15 +19,17 @@ import pytest
 import torch
 
 from lora_helpers import protocol, quant, studies
-from lora_helpers.dora import mark_only_dora_as_trainable, replace_linear_with_dora
+from lora_helpers.dora import dora_layers, mark_only_dora_as_trainable, replace_linear_with_dora
 from lora_helpers.lora import (
     count_parameters,
     mark_only_lora_as_trainable,
     replace_linear_with_lora,
 )
 
-#: The learning rate both notebooks picked for every method from (3e-3, 1e-2, 3e-2).
+#: The learning rate both notebooks picked for every method from (3e-3, 1e-2, 3e-2) ...
 LR = 3e-2
+#: ... except for DoRA of rank 4 in notebook 08.
+LR_DORA_RANK_4 = 1e-2
 
 #: Notebook 07: full fine-tuning and LoRA (alpha = 2r) of the six matrices, 512 sequences,
 #: up to 200 steps kept at the best validation step.
@@ -196,7 +198,8 @@ def dora_08(base, data, rank, seed):
     torch.manual_seed(seed)
     replace_linear_with_dora(model, rank, 2 * rank, studies.module_names(ATTENTION))
     mark_only_dora_as_trainable(model)
-    return studies.train_run(model, data, label="DoRA", steps=STEPS_08, lr=LR, seed=seed)
+    lr = LR_DORA_RANK_4 if rank == 4 else LR
+    return studies.train_run(model, data, label="DoRA", steps=STEPS_08, lr=lr, seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +214,7 @@ def losses_08(base, rename_256):
 
 def test_dora_rank_1_is_within_the_spread_of_lora_rank_1(losses_08):
     """'At rank 1, DoRA (384 numbers) has a lower mean test loss than LoRA of rank 1 (256), but
-    the two are within the spread of each other' (0.1878 (0.1350-0.2541) against
+    the two are within the spread of each other' (0.3687 (0.1433-0.6464) against
     0.4686 (0.2222-0.6242)): neither beats the other in every seed."""
     dora, lora = losses_08["DoRA rank 1"], losses_08["LoRA rank 1"]
     assert dora.mean < lora.mean, (dora, lora)
@@ -220,22 +223,43 @@ def test_dora_rank_1_is_within_the_spread_of_lora_rank_1(losses_08):
 
 def test_lora_rank_2_beats_dora_rank_1_in_every_seed(losses_08):
     """'LoRA of rank 2 (512) beats DoRA of rank 1 in every seed' (0.0132-0.0308 against
-    0.1350-0.2541)."""
+    0.1433-0.6464)."""
     lora, dora = losses_08["LoRA rank 2"], losses_08["DoRA rank 1"]
     assert protocol.clearly_lower(lora, dora), (lora, dora)
 
 
-def test_dora_rank_4_is_within_the_spread_of_lora_rank_4(losses_08):
-    """'At rank 4, DoRA (1,152) is within the spread of LoRA of rank 4 (1,024)'
-    (0.0110-0.0142 against 0.0084-0.0117)."""
-    dora, lora = losses_08["DoRA rank 4"], losses_08["LoRA rank 4"]
-    assert neither_clearly_lower(dora, lora), (dora, lora)
+def test_lora_rank_4_beats_dora_rank_4_in_every_seed(losses_08):
+    """'At rank 4, LoRA of rank 4 (1,024), with fewer numbers, beats DoRA (1,152) in every
+    seed' (0.0084-0.0117 against 0.0247-0.0297)."""
+    lora, dora = losses_08["LoRA rank 4"], losses_08["DoRA rank 4"]
+    assert protocol.clearly_lower(lora, dora), (lora, dora)
 
 
 def test_lora_rank_5_beats_dora_rank_4_in_every_seed(losses_08):
-    """'LoRA of rank 5 (1,280) beats it in every seed' (0.0063-0.0082 against 0.0110-0.0142)."""
+    """'and so does LoRA of rank 5 (1,280)' (0.0063-0.0082 against 0.0247-0.0297)."""
     lora, dora = losses_08["LoRA rank 5"], losses_08["DoRA rank 4"]
     assert protocol.clearly_lower(lora, dora), (lora, dora)
+
+
+def test_dora_with_frozen_magnitudes_loses_to_lora_and_to_dora(base, rename_256, losses_08):
+    """The 08 solutions, exercise 1: DoRA of rank 1 with m frozen, at DoRA's learning rate,
+    'is higher than LoRA's of rank 1 in every seed, and DoRA with trainable magnitudes beats
+    it in every seed too' (1.2484 (0.9314-1.6140) against 0.2222-0.6242 and 0.1433-0.6464)."""
+
+    def frozen(seed):
+        model = copy.deepcopy(base)
+        torch.manual_seed(seed)
+        replace_linear_with_dora(model, 1, 2, studies.module_names(ATTENTION))
+        mark_only_dora_as_trainable(model)
+        for _, layer in dora_layers(model):
+            layer.m.requires_grad_(False)
+        return studies.train_run(
+            model, rename_256, label="frozen", steps=STEPS_08, lr=LR, seed=seed
+        )
+
+    frozen_loss = loss_spread([frozen(seed) for seed in protocol.SEEDS])
+    assert protocol.clearly_lower(losses_08["LoRA rank 1"], frozen_loss), frozen_loss
+    assert protocol.clearly_lower(losses_08["DoRA rank 1"], frozen_loss), frozen_loss
 
 
 def test_lora_on_the_4bit_base_is_within_the_spread_of_the_float_base(base, rename_256, losses_08):

@@ -1,5 +1,6 @@
 """lora_helpers.dora: DoRA checked against hand-computed cases, merging and bad input."""
 
+import copy
 import math
 
 import pytest
@@ -168,3 +169,74 @@ def test_zero_row_is_refused():
         linear.weight[1] = 0
     with pytest.raises(ValueError, match="Row 1 of the weight is all zeros"):
         LinearWithDoRA(linear, rank=1, alpha=1)
+
+
+# --------------------------------------------------------------- gradients, against PEFT
+
+
+def _dora_and_peft(exact: bool, rslora: bool = False):
+    """Our DoRA layer and PEFT's use_dora=True on the same weights, B and m moved off init."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 8))
+    ours = trained_like(
+        LinearWithDoRA(copy.deepcopy(base[0]), 4, 8, rslora=rslora, exact_norm_gradient=exact)
+    )
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["0"], use_dora=True, use_rslora=rslora
+    )
+    theirs = peft.get_peft_model(copy.deepcopy(base), config)
+    layer = theirs.base_model.model[0]
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(ours.lora.A.T)
+        layer.lora_B["default"].weight.copy_(ours.lora.B.T)
+        layer.lora_magnitude_vector["default"].weight.copy_(ours.m)
+    x = torch.randn(5, 16)
+    ours(x).square().sum().backward()
+    theirs(x).square().sum().backward()
+    grads = {
+        "A": (ours.lora.A.grad, layer.lora_A["default"].weight.grad.T),
+        "B": (ours.lora.B.grad, layer.lora_B["default"].weight.grad.T),
+        "m": (ours.m.grad, layer.lora_magnitude_vector["default"].weight.grad),
+    }
+    return ours, theirs, x, grads
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_gradients_match_peft_and_the_paper_by_default(rslora):
+    """The DoRA paper (section 4.3) and PEFT treat ||W + dW|| as a constant in backprop."""
+    ours, theirs, x, grads = _dora_and_peft(exact=False, rslora=rslora)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-6, atol=1e-6)
+    for name, (mine, peft) in grads.items():
+        torch.testing.assert_close(mine, peft, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_the_exact_gradient_differs_in_a_and_b_only():
+    exact = _dora_and_peft(exact=True)[3]
+    torch.testing.assert_close(*exact["m"], rtol=1e-6, atol=1e-6)
+    for name in ("A", "B"):
+        mine, peft = exact[name]
+        assert (mine - peft).norm() > 0.05 * peft.norm(), name  # through the norm: another gradient
+
+
+def test_the_exact_gradient_is_the_true_derivative():
+    """Finite differences of the loss along B agree with exact_norm_gradient=True only."""
+    torch.manual_seed(0)
+    for exact in (True, False):
+        layer = trained_like(
+            LinearWithDoRA(nn.Linear(6, 4).double(), 2, 4, exact_norm_gradient=exact)
+        )
+        x = torch.randn(3, 6, dtype=torch.float64)
+        layer(x).square().sum().backward()
+        direction = torch.randn_like(layer.lora.B)
+        with torch.no_grad():
+            eps = 1e-6
+            layer.lora.B += eps * direction
+            up = layer(x).square().sum()
+            layer.lora.B -= 2 * eps * direction
+            down = layer(x).square().sum()
+            layer.lora.B += eps * direction
+        numeric = (up - down) / (2 * eps)
+        analytic = (layer.lora.B.grad * direction).sum()
+        assert torch.isclose(numeric, analytic, rtol=1e-5).item() == exact
