@@ -193,7 +193,7 @@ def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
-def _is_adapter(module: nn.Module) -> bool:
+def is_adapter(module: nn.Module) -> bool:
     """True for a layer that adapts an nn.Linear with a LoRALayer (LinearWithLoRA, LinearWithDoRA)."""
     return isinstance(getattr(module, "linear", None), nn.Linear) and isinstance(
         getattr(module, "lora", None), LoRALayer
@@ -219,7 +219,7 @@ def wrap_linear_layers(
             f"Pass a model that contains nn.Linear layers; for a single layer use "
             f"{wrapper.__name__}(linear, ...) directly."
         )
-    adapters = {name: m for name, m in model.named_modules() if _is_adapter(m)}
+    adapters = {name: m for name, m in model.named_modules() if is_adapter(m)}
     inside = {id(m.linear) for m in adapters.values()}
     linears = {
         name: module

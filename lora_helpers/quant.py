@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import LoRALayer, adapter_dtype
+from .lora import LoRALayer, adapter_dtype, is_adapter
 
 SCHEMES = ("int4", "nf4")
 
@@ -223,7 +223,18 @@ class QuantizedLinearWithLoRA(nn.Module):
 
 
 def quantize_linears(module: nn.Module, block_size: int = 64, scheme: str = "nf4") -> nn.Module:
-    """Replace every nn.Linear inside `module` (in place) by a frozen QuantizedLinear; returns it."""
+    """Replace every nn.Linear inside `module` (in place) by a frozen QuantizedLinear; returns it.
+
+    Raises ValueError, before changing anything, if a LoRA or DoRA layer holds one of them:
+    quantise the base first, then add LoRA with add_lora_to_quantized.
+    """
+    adapted = [n for n, m in module.named_modules() if is_adapter(m)]
+    if adapted:
+        raise ValueError(
+            f"Layer {adapted[0]!r} already carries a {type(module.get_submodule(adapted[0])).__name__}; "
+            "quantising the nn.Linear inside it would put a second change under the adapter. "
+            "Quantise the base first, then add LoRA with add_lora_to_quantized."
+        )
     linears = [(n, m) for n, m in module.named_modules() if n and isinstance(m, nn.Linear)]
     if not linears:
         raise ValueError(

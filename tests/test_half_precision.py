@@ -5,6 +5,8 @@ to a bf16 weight rounds twice. Here A, B (and DoRA's m) are float32; inputs are 
 float32 for the update and the result back; a merge sums in float32 and rounds once.
 """
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -99,3 +101,26 @@ def test_lora_on_a_quantized_half_precision_base_keeps_float32_factors():
     layer = QuantizedLinearWithLoRA(quantized, 4, 8)
     assert layer.lora.A.dtype == torch.float32
     assert layer(torch.randn(2, 64).to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_a_merge_on_a_bf16_base_is_at_least_as_close_to_float64_as_peft():
+    """PEFT keeps the factors in float32 too; our merge must be no further from the exact
+    float64 weight than PEFT's merge_and_unload on the same bf16 base and factors."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base_model = nn.Sequential(nn.Linear(64, 32)).to(torch.bfloat16)
+    ours = trained(LinearWithLoRA(copy.deepcopy(base_model[0]), 8, 16))
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["0"])
+    theirs = peft.get_peft_model(copy.deepcopy(base_model), config)
+    layer = theirs.base_model.model[0]
+    assert layer.lora_A["default"].weight.dtype == torch.float32  # as ours
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(ours.lora.A.T)
+        layer.lora_B["default"].weight.copy_(ours.lora.B.T)
+    exact = ours.linear.weight.double() + ours.lora.delta_weight().detach().double()
+    merged_by_peft = theirs.merge_and_unload()[0].weight
+    ours.merge()
+    our_error = (ours.linear.weight.double() - exact).abs()
+    peft_error = (merged_by_peft.double() - exact).abs()
+    assert our_error.max() <= peft_error.max()
+    assert our_error.mean() <= peft_error.mean()

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_helpers import quant
-from lora_helpers.lora import count_parameters
+from lora_helpers.dora import replace_linear_with_dora
+from lora_helpers.lora import count_parameters, replace_linear_with_lora
 
 # The NF4 table as published with QLoRA (and hard-coded in bitsandbytes).
 QLORA_NF4 = [
@@ -223,3 +224,14 @@ def test_bitsandbytes_nf4_agrees_with_ours():
     ours = quant.dequantize_4bit(quant.quantize_4bit(weight, 64, "nf4"))
     theirs = quant.bitsandbytes_nf4_weight(weight, 64)
     assert (ours == theirs).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_quantising_under_an_adapter_is_refused_before_anything_changes(kind):
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    add = replace_linear_with_lora if kind == "lora" else replace_linear_with_dora
+    add(model, 2, 4, target_modules=["0"])
+    before = [(n, type(m).__name__) for n, m in model.named_modules()]
+    with pytest.raises(ValueError, match=r"Layer '0' already carries a LinearWith(LoRA|DoRA)"):
+        quant.quantize_linears(model)
+    assert [(n, type(m).__name__) for n, m in model.named_modules()] == before
