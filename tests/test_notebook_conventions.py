@@ -4,11 +4,15 @@ nbval checks that the committed outputs are reproduced; these tests check what n
 does not: the shape of each notebook and the hygiene of what was committed.
 """
 
+import importlib.metadata
 import re
+import sys
 from pathlib import Path
 
 import nbformat
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 COLAB = "https://colab.research.google.com/github/lora-from-scratch/lora-from-scratch/blob/main/"
@@ -167,3 +171,32 @@ def test_colab_links_in_the_docs_point_at_existing_notebooks():
         text = (ROOT / doc).read_text(encoding="utf-8") if (ROOT / doc).exists() else ""
         for target in re.findall(re.escape(COLAB) + r"([^)\s\"']+)", text):
             assert (ROOT / target).is_file(), f"{doc} links Colab to {target}, which does not exist"
+
+
+IMPORT = re.compile(r"^\s*(?:from|import)\s+([A-Za-z_]\w*)", re.M)
+
+
+def core_requirements() -> set[str]:
+    """Normalised names of the installed project's core dependencies (no extras)."""
+    requirements = [Requirement(r) for r in importlib.metadata.requires("lora-from-scratch") or []]
+    return {
+        canonicalize_name(r.name)
+        for r in requirements
+        if r.marker is None or r.marker.evaluate({"extra": ""})
+    }
+
+
+@every
+def test_every_package_a_notebook_imports_is_a_core_dependency(path):
+    """A learner's install (`python3 run.py lab`: the core dependencies alone) runs every cell;
+    test-only packages are never needed by a notebook."""
+    core = core_requirements()
+    owners = importlib.metadata.packages_distributions()
+    for cell in read(path).cells:
+        if cell.cell_type != "code":
+            continue
+        for module in IMPORT.findall(cell.source):
+            if module in sys.stdlib_module_names or module == "lora_helpers":
+                continue
+            dists = {canonicalize_name(d) for d in owners.get(module, [module])}
+            assert dists & core, f"{rel(path)} imports {module!r}, not a core dependency ({dists})"
