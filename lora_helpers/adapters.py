@@ -71,7 +71,13 @@ def combine_lora_states(
                 "Pass either models (each adapter's scaling is read from it) or state dicts "
                 "with scalings=[...], not a mix."
             )
-        scalings = [lora_scaling(model) for model in states]
+        try:
+            scalings = [lora_scaling(model) for model in states]
+        except ValueError as error:
+            raise ValueError(
+                f"{error} Pass lora_state_dict(...) of each adapter with scalings=[...] instead, "
+                "one scaling per adapter."
+            ) from error
         states = [lora_state_dict(model) for model in states]
     if scalings is None:
         raise ValueError(
@@ -155,35 +161,66 @@ def base_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def base_probe(model: nn.Module, targets: list[str]) -> list[str]:
-    """Up to 16 of the base's weights, as fixed-width strings ("+1.234e-02"): its values' fingerprint.
+def base_probe(model: nn.Module) -> dict[str, list[str]]:
+    """Two weights from each of up to 8 of the base's matrices, as strings: its values' fingerprint.
 
-    Four evenly spaced values from each of the first four matrices that no LoRA target
-    touches (for GPT-2: the token and position embeddings), so merging does not change
-    them. Two bases of the same shapes (pretrained GPT-2 and the random stand-in, or
-    stand-ins of two seeds) differ here; one base on two CPUs agrees far within the
-    1e-3 that load_adapter allows.
+    The matrices are the first, the last and evenly spaced ones between (for GPT-2: the
+    embeddings and block weights alike), read as the base holds them, without LoRA. Two
+    bases of the same shapes (pretrained GPT-2 and the random stand-in, stand-ins of two
+    seeds, a base whose blocks were fine-tuned) differ here; one base on two CPUs, or in
+    another precision, agrees within what load_adapter allows (_probe_tolerance).
     """
-    matrices = [
-        tensor
+    matrices = {
+        key: tensor
         for key, tensor in _base_tensors(model).items()
-        if tensor.dim() == 2
-        and tensor.is_floating_point()
-        and not any(key.startswith(f"{target}.") for target in targets)
-    ][:4]
-    values = []
-    for tensor in matrices:
-        flat = tensor.detach().reshape(-1)
-        for i in torch.linspace(0, flat.numel() - 1, 4).round().long().tolist():
-            values.append(f"{float(flat[i]):+.3e}")
-    return values
+        if tensor.dim() == 2 and tensor.is_floating_point()
+    }
+    keys = list(matrices)
+    picks = sorted({round(j * (len(keys) - 1) / 7) for j in range(8)}) if keys else []
+    probe = {}
+    for key in (keys[i] for i in picks):
+        flat = matrices[key].detach().reshape(-1)
+        probe[key] = [f"{float(flat[i]):+.6e}" for i in (flat.numel() // 3, 2 * flat.numel() // 3)]
+    return probe
 
 
-def _same_probe(saved: list[str], ours: list[str]) -> bool:
-    return len(saved) == len(ours) and all(
-        math.isclose(float(a), float(b), rel_tol=1e-3, abs_tol=1e-6)
-        for a, b in zip(saved, ours, strict=True)
-    )
+def _probe_tolerance(*dtypes: torch.dtype) -> float:
+    """Relative tolerance for one base read in these dtypes: a few roundings of the coarsest,
+    at least 1e-5 (float32 weights drawn on another CPU's kernels differ in their last bits)."""
+    return max(1e-5, *(2 * torch.finfo(d).eps for d in dtypes))
+
+
+def _probe_mismatch(config: dict, model: nn.Module) -> list[str]:
+    """Names of the probed matrices whose values differ from the adapter's base."""
+    saved = config.get("base_probe") or {}
+    tensors = _base_tensors(model)
+    merged = [
+        f"{name}." for name, layer in model.named_modules() if getattr(layer, "merged", False)
+    ]
+    saved_dtype = getattr(torch, config.get("base_dtype", "float32").removeprefix("torch."))
+    ours = base_probe(model)
+    bad = []
+    for key, values in saved.items():
+        if key not in ours or any(key.startswith(prefix) for prefix in merged):
+            continue  # a merged layer holds W + dW: nothing to compare there
+        tolerance = _probe_tolerance(saved_dtype, tensors[key].dtype)
+        if not all(
+            math.isclose(float(a), float(b), rel_tol=tolerance, abs_tol=1e-7)
+            for a, b in zip(values, ours[key], strict=True)
+        ):
+            bad.append(key)
+    return bad
+
+
+def _head_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The head's own tensors: out_head's parameters, less LoRA and less any the base shares
+    (an LM head tied to the token embedding belongs to the base)."""
+    base = {id(p) for n, p in model.named_parameters() if not n.startswith("out_head.")}
+    return {
+        k: v
+        for k, v in model.named_parameters(remove_duplicate=False)
+        if k.startswith("out_head.") and ".lora." not in k and id(v) not in base
+    }
 
 
 def _write_atomically(path: Path, write) -> None:
@@ -209,13 +246,7 @@ def save_adapter(model: nn.Module, directory: str | Path, source: GPT2Source) ->
             "rank, alpha and rslora for all layers."
         )
     ((rank, alpha, rslora),) = settings
-    # A head tied to the token embedding (an LM head) belongs to the base: not saved.
-    base = {id(p) for n, p in model.named_parameters() if not n.startswith("out_head.")}
-    head = {
-        k: v
-        for k, v in model.named_parameters(remove_duplicate=False)
-        if k.startswith("out_head.") and ".lora." not in k and id(v) not in base
-    }
+    head = _head_parameters(model)  # a head tied to the token embedding is not saved
     tensors = {
         k: v.detach().cpu().contiguous() for k, v in {**lora_state_dict(model), **head}.items()
     }
@@ -224,7 +255,10 @@ def save_adapter(model: nn.Module, directory: str | Path, source: GPT2Source) ->
         "base_model": source.name,
         "pretrained": bool(source.pretrained),
         "base_fingerprint": base_fingerprint(model),
-        "base_probe": base_probe(model, list(layers)),
+        "base_probe": base_probe(model),
+        "base_dtype": str(
+            next(t for t in _base_tensors(model).values() if t.is_floating_point()).dtype
+        ),
         "rank": rank,
         "alpha": alpha,
         "rslora": rslora,
@@ -286,12 +320,13 @@ def load_adapter(
             f"(fingerprint {config['base_fingerprint']} vs {base_fingerprint(model)}); "
             "load it into the base model it was trained on."
         )
-    probe = config.get("base_probe")  # adapters saved before probes existed have none
-    if probe is not None and not _same_probe(probe, base_probe(model, config["targets"])):
+    differ = _probe_mismatch(config, model)  # adapters saved before probes existed: none
+    if differ:
         raise ValueError(
             f"This adapter was trained on {wanted}, whose weights differ from this model's "
-            "(same shapes, other values: another checkpoint, or a random stand-in of another "
-            "seed); load it into the base model it was trained on."
+            f"(same shapes, other values, e.g. in {differ[0]!r}: another checkpoint, a "
+            "fine-tuned copy, or a random stand-in of another seed); load it into the base "
+            "model it was trained on."
         )
     layers = dict(lora_layers(model))
     if layers:
@@ -307,10 +342,10 @@ def load_adapter(
     tensors = load_file(str(Path(directory) / WEIGHTS_FILE))
     # Changes below are undone if anything does not fit: the modules they replace and the
     # requires_grad flags they reset are remembered first.
-    replaced = {
+    replaced = {  # every layer that a wrap or the new head could replace
         name: module
         for name, module in model.named_modules()
-        if name == "out_head" or name in config["targets"]
+        if name == "out_head" or isinstance(module, nn.Linear)
     }
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
@@ -321,9 +356,16 @@ def load_adapter(
                 model, config["rank"], config["alpha"], config["targets"], rslora=config["rslora"]
             )
             mark_only_lora_as_trainable(model)
-        own = model.state_dict()
+        own = _head_parameters(model)
         head = {k: v for k, v in tensors.items() if ".lora." not in k}
-        misfits = [k for k, v in head.items() if k not in own or own[k].shape != v.shape]
+        if set(head) != set(own):
+            raise ValueError(
+                f"The adapter's head tensors {sorted(head)} are not this model's head "
+                f"{sorted(own)} (missing {sorted(set(own) - set(head))}, not a head "
+                f"{sorted(set(head) - set(own))}); load it into the base model it was "
+                "trained on, or save it again with save_adapter."
+            )
+        misfits = [k for k, v in head.items() if own[k].shape != v.shape]
         if misfits:
             raise ValueError(
                 f"The adapter's head tensors {misfits[:3]} do not fit the model's head; "

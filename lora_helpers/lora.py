@@ -239,24 +239,42 @@ def wrap_linear_layers(
         raise ValueError(
             f"Layer {stacked[0]!r}{more} already carries a "
             f"{type(adapters[stacked[0]]).__name__}; a {wrapper.__name__} on top would stack two "
-            "adapters on one layer. Leave it out of target_modules, or start again from the "
-            "base model."
+            "adapters on one layer. "
+            + (
+                "Pass target_modules that leave it out"
+                if targets is None
+                else "Leave it out of target_modules"
+            )
+            + ", or start again from the base model."
         )
     if not linears:
         conv1d = [name for name, m in model.named_modules() if type(m).__name__ == "Conv1D"]
         hint = ""
+        quantised = [
+            n for n, m in model.named_modules() if type(m).__name__.startswith("Quantized")
+        ]
         if adapters:
             hint = f" Every nn.Linear is already a {wrapper.__name__}; it was applied twice."
+        elif quantised:
+            hint = (
+                f" Its layers are quantised (e.g. {quantised[0]!r}): add LoRA to them with "
+                "lora_helpers.quant.add_lora_to_quantized."
+            )
         elif conv1d:
             hint = (
                 f" It has {len(conv1d)} transformers Conv1D layers (e.g. {conv1d[0]!r}): "
                 "Hugging Face GPT-2 does not use nn.Linear."
             )
         raise ValueError(f"The model has no nn.Linear layer to wrap in {wrapper.__name__}.{hint}")
+    places: dict[int, list[str]] = {}  # one nn.Linear object may sit at several places
+    for name, module in model.named_modules(remove_duplicate=False):
+        if id(module) in {id(m) for m in linears.values()}:
+            places.setdefault(id(module), []).append(name)
+    every_name = [n for names in places.values() for n in names]
     if targets is None:
         chosen = list(linears)
     else:
-        unknown = [t for t in targets if not any(_matches(n, t) for n in linears)]
+        unknown = [t for t in targets if not any(_matches(n, t) for n in every_name)]
         if unknown:
             suffixes = sorted({n.rsplit(".", 1)[-1] for n in linears})
             raise ValueError(
@@ -264,11 +282,30 @@ def wrap_linear_layers(
                 f"Linear layer names end in one of {suffixes}; full names look like "
                 f"{list(linears)[:3]}."
             )
-        chosen = [n for n in linears if _targeted(n, targets)]
+        chosen = [n for n in linears if any(_targeted(p, targets) for p in places[id(linears[n])])]
+    shared = [places[id(linears[n])] for n in chosen if len(places[id(linears[n])]) > 1]
+    if shared:
+        raise ValueError(
+            f"{' and '.join(repr(n) for n in shared[0])} are one nn.Linear used at "
+            f"{len(shared[0])} places; a {wrapper.__name__} at one of them would leave the other "
+            "without it. Give each place its own layer (copy.deepcopy) first."
+        )
+    # Build every wrapper before replacing any, so that a layer it refuses leaves the model as
+    # it was; each starts in the train/eval mode of the layer it replaces.
+    built = {}
+    flags = [(p, p.requires_grad) for n in chosen for p in linears[n].parameters()]
     with warnings.catch_warnings(record=True) as caught:  # one RankWarning for all, below
         warnings.simplefilter("always", RankWarning)
         for name in chosen:
-            model.set_submodule(name, wrapper(linears[name], **wrapper_kwargs))
+            try:
+                built[name] = wrapper(linears[name], **wrapper_kwargs)
+            except (ValueError, TypeError) as error:
+                for param, flag in flags:  # wrappers freeze their layer: undo that too
+                    param.requires_grad_(flag)
+                raise type(error)(f"Layer {name!r}: {error} Nothing was wrapped.") from error
+            built[name].train(linears[name].training)
+    for name, layer in built.items():
+        model.set_submodule(name, layer)
     for warning in caught:
         if not issubclass(warning.category, RankWarning):
             warnings.warn_explicit(
@@ -445,22 +482,43 @@ def _lora_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
         yield f"{name}.lora.B", layer.lora.B
 
 
+def _memory(tensor: torch.Tensor) -> tuple[object, int, int]:
+    """(storage, first byte, end byte) of the memory a tensor reads: views and `.data` aliases
+    of one weight overlap there. On the meta device (no memory) the tensor stands for itself."""
+    if tensor.device.type == "meta":
+        return id(tensor), 0, 1
+    size = tensor.element_size()
+    start = tensor.storage_offset() * size
+    extent = 1 + sum(
+        (n - 1) * stride for n, stride in zip(tensor.shape, tensor.stride(), strict=True)
+    )
+    storage = (tensor.device, tensor.untyped_storage().data_ptr())
+    return storage, start, start + max(extent, 1) * size
+
+
+def _overlap(a: tuple[object, int, int], b: tuple[object, int, int]) -> bool:
+    return a[0] == b[0] and a[1] < b[2] and b[1] < a[2]
+
+
 def check_unshared(model: nn.Module, layers: Iterable[tuple[str, nn.Module]]) -> None:
     """Raise ValueError if the base weight of one of `layers` is also used elsewhere in `model`.
 
-    Merging writes into that weight, so a tied weight (GPT-2's out_head and tok_emb) or an
-    nn.Linear used at two places would change the other module too.
+    Merging writes into that weight, so a tied weight (GPT-2's out_head and tok_emb, a `.data`
+    alias, a transposed view: any tensor whose memory overlaps it) would change the other
+    module too. Only ties inside `model` can be seen: merge the whole model, not a part of it.
     """
-    users: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        users.setdefault(id(param), []).append(name)
+    tensors = [*model.named_parameters(remove_duplicate=False)]
+    tensors += [*model.named_buffers(remove_duplicate=False)]
+    memory = [(name, _memory(t)) for name, t in tensors]
     for name, layer in layers:
-        others = [n for n in users[id(layer.linear.weight)] if not n.startswith(f"{name}.")]
+        own = f"{name}.linear.weight"
+        mine = _memory(layer.linear.weight)
+        others = [n for n, m in memory if n != own and _overlap(m, mine)]
         if others:
             raise ValueError(
-                f"Not merging: the base weight of {name!r} is also {others[0]!r} (a tied or "
-                "shared weight), so merging would change that module too. Leave the layer out "
-                "of the targets, or untie it first: layer.linear.weight = "
+                f"Not merging: the base weight of {name!r} shares its memory with "
+                f"{others[0]!r} (a tied or shared weight), so merging would change that too. "
+                "Leave the layer out of the targets, or untie it first: layer.linear.weight = "
                 "nn.Parameter(layer.linear.weight.detach().clone())."
             )
 

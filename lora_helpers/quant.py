@@ -15,13 +15,14 @@ Two codes share a byte, so n weights take n / 2 bytes plus 4 bytes per block for
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import LoRALayer, adapter_dtype, is_adapter
+from .lora import LoRALayer, RankWarning, adapter_dtype, is_adapter
 
 SCHEMES = ("int4", "nf4")
 
@@ -230,8 +231,9 @@ def quantize_linears(module: nn.Module, block_size: int = 64, scheme: str = "nf4
     """
     adapted = [n for n, m in module.named_modules() if is_adapter(m)]
     if adapted:
+        where = f"Layer {adapted[0]!r}" if adapted[0] else "The module itself"
         raise ValueError(
-            f"Layer {adapted[0]!r} already carries a {type(module.get_submodule(adapted[0])).__name__}; "
+            f"{where} already carries a {type(module.get_submodule(adapted[0])).__name__}; "
             "quantising the nn.Linear inside it would put a second change under the adapter. "
             "Quantise the base first, then add LoRA with add_lora_to_quantized."
         )
@@ -258,10 +260,23 @@ def add_lora_to_quantized(
             f"{type(module).__name__} holds no unwrapped QuantizedLinear; call "
             "quantize_linears(module) first."
         )
-    for name, base in found:
-        module.set_submodule(
-            name, QuantizedLinearWithLoRA(base, rank, alpha, dropout=dropout, rslora=rslora)
+    with warnings.catch_warnings():  # one RankWarning naming the layers, below
+        warnings.simplefilter("ignore", RankWarning)
+        built = {
+            name: QuantizedLinearWithLoRA(base, rank, alpha, dropout=dropout, rslora=rslora)
+            for name, base in found
+        }
+    oversized = [n for n, b in found if rank > min(b.in_features, b.out_features)]
+    if oversized:
+        warnings.warn(
+            f"rank {rank} is larger than min(in, out) of {len(oversized)} layer(s), e.g. "
+            f"{oversized[0]!r}: the extra parameters buy nothing.",
+            RankWarning,
+            stacklevel=2,
         )
+    for name, layer in built.items():
+        layer.train(module.get_submodule(name).training)
+        module.set_submodule(name, layer)
     return module
 
 

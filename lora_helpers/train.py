@@ -13,6 +13,7 @@ protocol (lora_helpers.protocol): learning rate picked on validation data, sever
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -159,9 +160,9 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """
     if device.type != "cuda":
         return None
-    if torch.cuda.is_bf16_supported(including_emulation=False):
-        return torch.bfloat16
-    return torch.float16
+    with torch.cuda.device(device) if device.index is not None else contextlib.nullcontext():
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.bfloat16 if native else torch.float16
 
 
 def _autocast(device: torch.device):

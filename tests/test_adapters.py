@@ -342,7 +342,7 @@ def test_merging_into_a_tied_weight_is_refused_and_changes_nothing(kind):
     embedding = model.tok_emb.weight.detach().clone()
     before = logits(model)
     merge = merge_lora if kind == "lora" else merge_dora
-    with pytest.raises(ValueError, match=r"'out_head' is also 'tok_emb\.weight' \(a tied"):
+    with pytest.raises(ValueError, match=r"'out_head' shares its memory with 'tok_emb\.weight'"):
         merge(model)
     assert torch.equal(model.tok_emb.weight, embedding)
     assert not any(m.merged for _, m in [*lora_layers(model), *dora_layers(model)])
@@ -350,17 +350,37 @@ def test_merging_into_a_tied_weight_is_refused_and_changes_nothing(kind):
 
 
 @pytest.mark.parametrize("kind", ["lora", "dora"])
-def test_merging_a_linear_used_at_two_places_is_refused(kind):
+def test_a_linear_used_at_two_places_is_refused_at_wrap_time(kind):
     shared = nn.Linear(8, 8)
     model = nn.Sequential()
     model.add_module("first", shared)
     model.add_module("act", nn.ReLU())
     model.add_module("second", shared)  # the same module object again
     add = replace_linear_with_lora if kind == "lora" else replace_linear_with_dora
-    add(model, 2, 4)
+    for targets in (None, ["second"]):
+        with pytest.raises(ValueError, match=r"'first' and 'second' are one nn.Linear used at 2"):
+            add(model, 2, 4, target_modules=targets)
+    assert model.first is model.second is shared  # nothing wrapped
+
+
+@pytest.mark.parametrize("alias", ["data", "transposed view"])
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_merging_into_memory_shared_another_way_is_refused(kind, alias):
+    """Ties made by hand: `.data` aliases and views share memory, not the Parameter object."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    if alias == "data":
+        model[2].weight.data = model[0].weight.data
+    else:
+        model[2].weight = nn.Parameter(model[0].weight.data.T)
+    add = replace_linear_with_lora if kind == "lora" else replace_linear_with_dora
+    add(model, 2, 4, target_modules=["0"])
+    with torch.no_grad():
+        model[0].lora.B.normal_()
+    other = model[2].weight.detach().clone()
     merge = merge_lora if kind == "lora" else merge_dora
-    with pytest.raises(ValueError, match=r"'first' is also 'second\.weight'"):
+    with pytest.raises(ValueError, match=r"'0' shares its memory with '2\.weight'"):
         merge(model)
+    assert torch.equal(model[2].weight, other)
 
 
 def test_untied_on_purpose_the_merge_goes_ahead_and_leaves_the_embedding_alone():
@@ -392,7 +412,9 @@ def test_an_lm_adapter_leaves_the_tied_embedding_to_the_base(tmp_path):
 
 def test_an_adapter_does_not_load_into_another_base_of_the_same_shapes(tmp_path):
     folder = save_adapter(trained_lora(seed=1), tmp_path / "spam", SOURCE)
-    assert len(read_adapter_config(folder)["base_probe"]) == 8  # tok_emb and pos_emb, 4 each
+    probe = read_adapter_config(folder)["base_probe"]
+    assert "tok_emb.weight" in probe
+    assert any(".att.W_query." in key or ".ff." in key for key in probe)  # blocks too
     torch.manual_seed(1)  # the stand-in of another seed: same shapes, other weights
     other = GPTModel(TINY).eval()
     assert base_fingerprint(other) == base_fingerprint(base_model())
@@ -402,19 +424,40 @@ def test_an_adapter_does_not_load_into_another_base_of_the_same_shapes(tmp_path)
     assert_unchanged(other, before)
 
 
-@pytest.mark.parametrize(("change", "loads"), [(1e-2, False), (1e-7, True)])
-def test_the_weight_probe_tells_other_weights_from_round_off(tmp_path, change, loads):
-    """A 1 % change of the embeddings is another base; a change at float32 round-off (what
-    another CPU's kernels give a random stand-in) is the same one."""
+def _probed_block_weight(model: GPTModel, folder) -> torch.Tensor:
+    """A probed matrix inside the transformer blocks (what fine-tuning a block changes)."""
+    key = next(k for k in read_adapter_config(folder)["base_probe"] if k.startswith("trf_"))
+    return model.get_parameter(key)
+
+
+@pytest.mark.parametrize(
+    ("where", "change", "loads"),
+    [
+        ("embedding", 1e-2, False),  # 1 %: another base
+        ("blocks", 1e-2, False),  # e.g. a base whose last block was fine-tuned
+        ("embedding", 1e-7, True),  # float32 round-off: another CPU's stand-in
+        ("blocks", 1e-7, True),
+    ],
+)
+def test_the_weight_probe_tells_other_weights_from_round_off(tmp_path, where, change, loads):
     folder = save_adapter(trained_lora(seed=1), tmp_path / "spam", SOURCE)
     model = base_model()
+    weight = model.tok_emb.weight if where == "embedding" else _probed_block_weight(model, folder)
     with torch.no_grad():
-        model.tok_emb.weight.mul_(1 + change)
+        weight.mul_(1 + change)
     if loads:
         load_adapter(model, folder, SOURCE)
     else:
         with pytest.raises(ValueError, match="whose weights differ"):
             load_adapter(model, folder, SOURCE)
+
+
+@pytest.mark.parametrize("dtypes", [("float32", "bfloat16"), ("bfloat16", "float32")])
+def test_the_same_base_in_another_precision_still_loads(tmp_path, dtypes):
+    trained_in, loaded_in = (getattr(torch, d) for d in dtypes)
+    model = trained_lora(seed=1).to(trained_in)
+    folder = save_adapter(model, tmp_path / "spam", SOURCE)
+    load_adapter(base_model().to(loaded_in), folder, SOURCE)
 
 
 def test_an_adapter_without_a_probe_still_loads(tmp_path):
@@ -425,3 +468,32 @@ def test_an_adapter_without_a_probe_still_loads(tmp_path):
     torch.testing.assert_close(
         logits(load_adapter(base_model(), folder)), logits(trained_lora(seed=1)), rtol=0, atol=0
     )
+
+
+def test_a_head_tensor_missing_or_foreign_is_refused_and_changes_nothing(tmp_path):
+    folder = save_adapter(trained_lora(seed=1), tmp_path / "spam", SOURCE)
+    path = folder / "adapter.safetensors"
+    good = load_file(str(path))
+    for broken in (
+        {k: v for k, v in good.items() if k != "out_head.bias"},  # a head without its bias
+        {**good, "tok_emb.weight": torch.zeros(TINY["vocab_size"], TINY["emb_dim"])},
+    ):
+        save_file(broken, str(path))
+        model = base_model()
+        before = snapshot(model)
+        with pytest.raises(ValueError, match=r"are not this model's head"):
+            load_adapter(model, folder)
+        assert_unchanged(model, before)
+
+
+def test_a_refused_load_with_suffix_targets_unwraps_everything_it_wrapped(tmp_path):
+    folder = save_adapter(trained_lora(seed=1), tmp_path / "spam", SOURCE)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["targets"] = ["W_query"]  # a suffix, as replace_linear_with_lora accepts
+    del config["base_probe"]
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    model = base_model()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="do not fit"):
+        load_adapter(model, folder)
+    assert_unchanged(model, before)

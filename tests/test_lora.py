@@ -6,7 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from lora_helpers.dora import dora_layers, merge_dora, replace_linear_with_dora
+from lora_helpers.dora import (
+    dora_layers,
+    mark_only_dora_as_trainable,
+    merge_dora,
+    replace_linear_with_dora,
+)
 from lora_helpers.lora import (
     LinearWithLoRA,
     LoRALayer,
@@ -513,3 +518,37 @@ def test_a_plain_layers_state_is_unmerged_and_a_partial_one_changes_nothing():
     merge_lora(merged)
     merged.load_state_dict(lora_state_dict(_mlp(seed=0)), strict=False)  # A and B only
     assert merged[0].merged
+
+
+def test_a_layer_the_wrapper_refuses_leaves_the_whole_model_as_it_was():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    with torch.no_grad():
+        model[2].weight[1].zero_()  # a zero row: DoRA cannot take its direction
+    before = [(n, type(m).__name__) for n, m in model.named_modules()]
+    with pytest.raises(ValueError, match=r"Layer '2': Row 1 .* Nothing was wrapped\."):
+        replace_linear_with_dora(model, 2, 4)
+    assert [(n, type(m).__name__) for n, m in model.named_modules()] == before
+    assert all(p.requires_grad for p in model.parameters())  # not frozen either
+    replace_linear_with_lora(model, 2, 4)  # the advice (use LoRA there) now works
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_new_adapter_layers_start_in_the_mode_of_the_layer_they_replace(kind):
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    if kind == "lora":
+        replace_linear_with_lora(model, 2, 4, dropout=0.5)
+    else:
+        replace_linear_with_dora(model, 2, 4)
+    assert not any(m.training for m in model.modules())
+    with torch.no_grad():
+        for _, layer in [*lora_layers(model), *dora_layers(model)]:
+            layer.lora.B.normal_()
+        x = torch.randn(3, 8)
+        assert torch.equal(model(x), model(x))  # no dropout in an eval model
+
+
+def test_dora_counts_on_the_meta_device():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(768, 768), nn.Linear(768, 2))
+    replace_linear_with_dora(model, 4, 8, target_modules=["0"])
+    assert count_parameters(mark_only_dora_as_trainable(model)).trainable == 4 * 1536 + 768
