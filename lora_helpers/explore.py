@@ -164,11 +164,7 @@ def brief_training(
     """
     _check_positive_int("steps", steps)
     layer_alpha, rslora = lora_layer_arguments(rank, alpha, rule)
-    if rank > min(in_dim, out_dim):  # LoRALayer only warns; this study needs a real rank
-        raise ValueError(
-            f"rank {rank} is larger than min(in_dim={in_dim}, out_dim={out_dim}); "
-            f"use rank <= {min(in_dim, out_dim)}."
-        )
+    lora_parameter_counts(out_dim, in_dim, rank)  # refuses rank > min: LoRALayer only warns
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(128, in_dim, generator=g, dtype=torch.float64)
     y = x @ torch.randn(in_dim, out_dim, generator=g, dtype=torch.float64) / math.sqrt(in_dim)

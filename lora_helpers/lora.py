@@ -266,10 +266,10 @@ def wrap_linear_layers(
                 "Hugging Face GPT-2 does not use nn.Linear."
             )
         raise ValueError(f"The model has no nn.Linear layer to wrap in {wrapper.__name__}.{hint}")
-    places: dict[int, list[str]] = {}  # one nn.Linear object may sit at several places
+    places: dict[int, list[str]] = {id(m): [] for m in linears.values()}  # one object, N places
     for name, module in model.named_modules(remove_duplicate=False):
-        if id(module) in {id(m) for m in linears.values()}:
-            places.setdefault(id(module), []).append(name)
+        if id(module) in places:
+            places[id(module)].append(name)
     every_name = [n for names in places.values() for n in names]
     if targets is None:
         chosen = list(linears)

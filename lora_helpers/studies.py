@@ -201,8 +201,14 @@ class Curves:
 
     train: list[float]
     val: list[tuple[int, float]]
-    best_step: int
     best: BestStep | None = field(default=None, repr=False)
+
+    @property
+    def best_step(self) -> int:
+        """The step with the lowest validation loss; the last step without validation data."""
+        if self.best is None or self.best.step is None:  # no (finite) validation loss
+            return len(self.train)
+        return self.best.step
 
 
 def train(
@@ -230,13 +236,12 @@ def train(
     opt = torch.optim.Adam(params, lr=lr)
     g = torch.Generator().manual_seed(seed)
     mask = data.y != IGNORE
-    curves = Curves([], [], steps, None if val is None else BestStep(params))
+    curves = Curves([], [], None if val is None else BestStep(params))
 
     def validate(step: int) -> None:
         loss = loss_and_accuracy(model, val)[0]
         curves.val.append((step, loss))
-        if curves.best.offer(step, loss):
-            curves.best_step = step
+        curves.best.offer(step, loss)
 
     for step in range(steps):
         if val is not None and step % eval_every == 0:
