@@ -15,3 +15,32 @@ os.environ["LORA_PRETRAINED"] = "0"
 if SHARED_ASSETS.is_dir():
     paths = [p for p in os.environ.get("LORA_ASSETS_PATH", "").split(os.pathsep) if p]
     os.environ["LORA_ASSETS_PATH"] = os.pathsep.join([*paths, str(SHARED_ASSETS)])
+
+# The slowest files first (measured on 2 cores): each xdist worker takes the next file when it
+# is free, so starting with the long ones lets both workers finish at about the same time.
+SLOWEST_FIRST = [
+    "tests/test_browser.py",
+    "notebooks/05_finetune_gpt2.ipynb",
+    "notebooks/06_rank_alpha_targets.ipynb",
+    "notebooks/08_beyond_lora.ipynb",
+    "tests/test_claims_07_08.py",
+    "notebooks/solutions/06_solutions.ipynb",
+    "notebooks/07_intrinsic_rank.ipynb",
+    "tests/test_claims_06.py",
+    "notebooks/solutions/07_solutions.ipynb",
+    "notebooks/03_attention_with_lora.ipynb",
+    "notebooks/solutions/08_solutions.ipynb",
+    "tests/test_claims_02_03.py",
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the files of SLOWEST_FIRST first, in that order; the rest keep pytest's order."""
+    root = Path(__file__).resolve().parent
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+
+    def key(item) -> int:
+        path = Path(str(item.fspath)).resolve()
+        return rank.get(path.relative_to(root).as_posix(), len(rank))
+
+    items.sort(key=key)

@@ -54,6 +54,9 @@ def lab_command(python: Path, rest: list[str]) -> list[str | Path]:
     """JupyterLab serving the repository, its file browser opened on notebooks/."""
     args = [python, "-m", "jupyter", "lab", f"--ServerApp.root_dir={ROOT}"]
     args.append("--FileContentsManager.preferred_dir=notebooks")
+    # Default settings for the series (overrides.json there): no "get notified about official
+    # Jupyter news?" pop-up and no update check, which a class, often offline, does not need.
+    args.append(f"--LabApp.app_settings_dir={ROOT / 'lora_helpers' / 'lab_settings'}")
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         args.append("--allow-root")  # containers and classroom VMs often run as root
     return [*args, *rest]

@@ -3,6 +3,16 @@
 import pytest
 import torch
 
+from lora_helpers import data
+from lora_helpers.assets import AssetError, find_asset
+from lora_helpers.gpt2 import TOKENIZER_FILES, get_tokenizer
+
+GET_THE_FILES = (
+    "run `python -m lora_helpers.kit download DIR` on a machine with network and set "
+    "LORA_ASSETS_PATH=DIR here (see README, 'Without pretrained weights, without a GPU, "
+    "without network')"
+)
+
 
 @pytest.fixture(scope="module")
 def one_thread():
@@ -11,3 +21,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def _or_skip(load, what: str, relpaths):
+    """load(), or skip the test, naming the kit command, where the files cannot be had.
+
+    Where every file has a local copy, errors are not skipped: a wrong copy fails the test.
+    """
+    if all(find_asset(relpath) for relpath in relpaths):
+        return load()
+    try:
+        return load()
+    except AssetError:
+        pytest.skip(f"{what}: no local copy, and the download failed; {GET_THE_FILES}.")
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    """GPT-2's tokenizer (local copies first, else a download); skips where neither works."""
+    return _or_skip(get_tokenizer, "GPT-2's tokenizer files", TOKENIZER_FILES)
+
+
+@pytest.fixture(scope="session")
+def sms_rows():
+    """All rows of the SMS Spam Collection (local copies first, else a download); skips
+    where neither works."""
+    return _or_skip(data.load_sms_spam, "The SMS Spam Collection", [data.SMS_RELPATH])

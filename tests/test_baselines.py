@@ -8,13 +8,11 @@ import torch
 from tiny_gpt import SOURCE
 
 from lora_helpers import baselines, data, protocol, train
-from lora_helpers.assets import find_asset
 from lora_helpers.data import Splits
 from lora_helpers.gpt2 import (
     FALLBACK_CONFIG,
     GPTModel,
     classify_logits,
-    get_tokenizer,
     to_classifier,
 )
 
@@ -132,24 +130,18 @@ def test_baselines_fit_on_train_and_score_every_split():
 
 # ------------------------------------------------- what notebook 05 concludes, at tiny size
 
-needs_sms = pytest.mark.skipif(
-    find_asset(data.SMS_RELPATH) is None, reason="no offline copy of the SMS Spam Collection"
-)
-
-
 @pytest.fixture(scope="module")
-def quick_splits() -> Splits:
+def quick_splits(sms_rows) -> Splits:
     """The rows notebook 05 uses in quick mode."""
-    rows = data.balance(data.load_sms_spam(), seed=123)
+    rows = data.balance(sms_rows, seed=123)
     return data.subset(data.split(rows, (0.7, 0.1), seed=123), train.QUICK_RECIPE.sizes)
 
 
 @pytest.fixture(scope="module")
-def fitted(quick_splits):
-    return baselines.fit_baselines(quick_splits.train, get_tokenizer())
+def fitted(quick_splits, gpt2_tokenizer):
+    return baselines.fit_baselines(quick_splits.train, gpt2_tokenizer)
 
 
-@needs_sms
 def test_on_the_quick_rows_length_beats_the_majority_and_words_beat_length(quick_splits, fitted):
     scores = baselines.score(fitted, quick_splits)
     for split in ("val", "test"):
@@ -158,13 +150,13 @@ def test_on_the_quick_rows_length_beats_the_majority_and_words_beat_length(quick
 
 
 @pytest.fixture(scope="module")
-def stand_in(quick_splits, fitted, tmp_path_factory, one_thread):
+def stand_in(quick_splits, fitted, gpt2_tokenizer, tmp_path_factory, one_thread):
     """Notebook 05's quick mode at tiny size: a small random GPT-2 (real vocabulary, one
     32-dim block), each mode at one learning rate, three seeds; test errors and LoRA's run."""
     torch.manual_seed(123)
     config = {**FALLBACK_CONFIG, "context_length": 40, "emb_dim": 32, "n_heads": 2, "n_layers": 1}
     base = to_classifier(GPTModel(config), 2)
-    loaders = data.make_loaders(quick_splits, get_tokenizer(), batch_size=8, max_length=40)
+    loaders = data.make_loaders(quick_splits, gpt2_tokenizer, batch_size=8, max_length=40)
     recipe = dataclasses.replace(
         train.QUICK_RECIPE,
         lr_grid={"lora": (8e-4,), "full": (1.25e-3,), "last-block": (2.5e-4,)},
@@ -181,7 +173,6 @@ def stand_in(quick_splits, fitted, tmp_path_factory, one_thread):
     return errors, lora, loaders
 
 
-@needs_sms
 def test_lora_and_the_last_block_on_a_random_stand_in_land_within_the_length_rules_spread(
     stand_in,
 ):
@@ -191,7 +182,6 @@ def test_lora_and_the_last_block_on_a_random_stand_in_land_within_the_length_rul
         assert not protocol.clearly_lower(errors["length rule"], errors[mode]), errors
 
 
-@needs_sms
 def test_lora_on_a_random_stand_in_labels_almost_like_the_length_rule(
     stand_in, fitted, quick_splits
 ):
@@ -202,7 +192,6 @@ def test_lora_on_a_random_stand_in_labels_almost_like_the_length_rule(
     assert (says == rule).double().mean() >= 0.9
 
 
-@needs_sms
 def test_full_fine_tuning_of_a_random_stand_in_has_the_best_mean_and_words_still_win(stand_in):
     errors, _, _ = stand_in
     assert errors["full"].mean < min(errors["lora"].mean, errors["last-block"].mean), errors

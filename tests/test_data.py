@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lora_helpers import data
-from lora_helpers.assets import AssetError, find_asset
+from lora_helpers.assets import AssetError
 
 
 class CharTokenizer:
@@ -51,11 +51,8 @@ def test_wrong_counts_say_the_file_is_not_the_expected_version():
     data.check_sms_counts([("hi", 0)] * 4827 + [("win", 1)] * 747)  # the right counts pass
 
 
-@pytest.mark.skipif(
-    find_asset(data.SMS_RELPATH) is None, reason="no offline copy of the SMS Spam Collection"
-)
-def test_the_real_collection_has_the_v1_counts():
-    rows = data.load_sms_spam()
+def test_the_real_collection_has_the_v1_counts(sms_rows):
+    rows = sms_rows
     assert Counter(label for _, label in rows) == {0: 4827, 1: 747}
     splits = data.split(data.balance(rows))
     assert [len(s) for s in splits] == [1045, 149, 300]
@@ -171,11 +168,9 @@ def test_loaders_pad_every_split_to_the_longest_training_message():
     assert short.max_length == 3
 
 
-def test_tiny_dataset_with_the_gpt2_tokenizer():
-    from lora_helpers.gpt2 import get_tokenizer
-
+def test_tiny_dataset_with_the_gpt2_tokenizer(gpt2_tokenizer):
     splits = data.split(data.load_tiny_sms())
-    loaders = data.make_loaders(splits, get_tokenizer(), batch_size=8)
+    loaders = data.make_loaders(splits, gpt2_tokenizer, batch_size=8)
     ids, labels = next(iter(loaders.train))
     assert ids.shape == (8, loaders.max_length)
     assert ids.dtype == torch.long

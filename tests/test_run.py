@@ -1,5 +1,6 @@
 """The README's two commands: `run.py lab` serves the series, `run.py` explains itself."""
 
+import importlib.util
 import json
 import os
 import secrets
@@ -47,6 +48,12 @@ def test_lab_serves_the_notebooks_and_opens_on_them(tmp_path):
         assert {"01_low_rank.ipynb", "02_lora_layer.ipynb", "solutions"} <= names
         with urllib.request.urlopen(f"{base}/lab?token={token}") as response:
             assert '"preferredPath": "notebooks"' in response.read().decode()
+        # no "get notified about official Jupyter news?" pop-up: lora_helpers/lab_settings
+        setting = "@jupyterlab/apputils-extension:notification"
+        with urllib.request.urlopen(f"{base}/lab/api/settings/{setting}?token={token}") as response:
+            defaults = json.load(response)["schema"]["properties"]
+        assert defaults["fetchNews"]["default"] == "false", "JupyterLab would ask about news"
+        assert defaults["checkForUpdates"]["default"] is False
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -62,3 +69,11 @@ def test_the_second_notebook_pass_really_uses_other_kernels():
     assert there != here, (
         f"ATEN_CPU_CAPABILITY={settings['ATEN_CPU_CAPABILITY']} left torch on {here}"
     )
+
+
+def test_the_slowest_first_list_names_files_that_exist():
+    spec = importlib.util.spec_from_file_location("root_conftest", ROOT / "conftest.py")
+    root_conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(root_conftest)
+    missing = [name for name in root_conftest.SLOWEST_FIRST if not (ROOT / name).is_file()]
+    assert not missing, f"conftest.SLOWEST_FIRST names files that are gone: {missing}"

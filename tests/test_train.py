@@ -412,25 +412,22 @@ def test_save_results_writes_json_and_png(tmp_path):
     ]
 
 
-def test_classify_texts_pads_like_training_and_names_labels():
-    from lora_helpers.gpt2 import get_tokenizer
-
+def test_classify_texts_pads_like_training_and_names_labels(gpt2_tokenizer):
     torch.manual_seed(0)
     model = to_classifier(GPTModel({**TINY, "vocab_size": 50257}), 2)
     texts = ["Call now to claim your prize!", "See you at lunch"]
-    predictions = train.classify_texts(model, texts, get_tokenizer(), max_length=12)
+    predictions = train.classify_texts(model, texts, gpt2_tokenizer, max_length=12)
     assert [label for label, _ in predictions] == [
-        ("ham", "spam")[int(i)] for i in _argmax_at_position(model, texts, 12)
+        ("ham", "spam")[int(i)] for i in _argmax_at_position(model, texts, 12, gpt2_tokenizer)
     ]
     assert all(0.5 <= p <= 1 for _, p in predictions)
 
 
-def _argmax_at_position(model, texts, length):
+def _argmax_at_position(model, texts, length, tokenizer):
     from lora_helpers.data import encode
-    from lora_helpers.gpt2 import get_tokenizer
 
     with torch.no_grad():
-        return model(encode(texts, get_tokenizer(), length))[:, -1].argmax(-1)
+        return model(encode(texts, tokenizer, length))[:, -1].argmax(-1)
 
 
 def test_device_slug_is_file_name_safe():
