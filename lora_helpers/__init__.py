@@ -12,6 +12,7 @@ train      device choice, the fine-tuning loop and its measurements
 baselines  majority class, length rule and bag of words for the spam data
 protocol   several seeds, each method at its own learning rate, verdicts outside the spread
 adapters   save, load, merge, swap and combine LoRA adapters
+peft_format PEFT's LoRA format both ways, and our GPT-2 base in transformers
 studies    the tiny transformer behind notebooks 06-08: rank, alpha, targets, intrinsic rank
 dora       DoRA from scratch
 quant      4-bit (int4 / NF4) blockwise quantisation and LoRA on a quantised base

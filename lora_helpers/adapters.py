@@ -8,6 +8,8 @@ around them: base model name, a fingerprint of its architecture, a probe of its 
 rslora, the wrapped layers and the number of classes.
 
 combine_lora_states adds several adapters' updates, weighted, into one LoRA state.
+export_peft_adapter and load_peft_adapter (from lora_helpers.peft_format) write and read
+PEFT's format, for transformers' GPT-2.
 For inference, merge with lora_helpers.lora.merge_lora; forward_latency times the result.
 """
 
@@ -36,6 +38,10 @@ from .lora import (
     mark_only_lora_as_trainable,
     replace_linear_with_lora,
 )
+
+# PEFT's format, both ways; it lives in its own module, and is offered here with the adapters.
+from .peft_format import export_peft_adapter as export_peft_adapter
+from .peft_format import load_peft_adapter as load_peft_adapter
 
 
 def combine_lora_states(

@@ -30,7 +30,7 @@ from torch import nn
 from . import assets
 from .assets import AssetError
 from .attention import MultiHeadAttention
-from .lora import LinearWithLoRA, evaluating
+from .lora import LinearWithLoRA, evaluating, is_adapter
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -385,6 +385,40 @@ def load_gpt2_safetensors(model: GPTModel, path: str | os.PathLike) -> None:
                 targets, tensor.split(sizes, dim=1 if conv else 0), strict=True
             ):
                 target.copy_(piece.T if conv else piece)
+
+
+def gpt2_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
+    """The base weights of `model` under Hugging Face GPT-2's names: load_gpt2_safetensors reversed.
+
+    Keys as in transformers' GPT2Model ("wte.weight", "h.0.attn.c_attn.weight", ...): nn.Linear
+    weights (out, in) become Conv1D's (in, out), W_query, W_key and W_value are fused into
+    c_attn. Copies, on the CPU. A model without q/k/v biases (qkv_bias False) gets zeros there,
+    which computes the same. Raises ValueError when a block layer is not a plain nn.Linear
+    (LoRA, DoRA, 4-bit): pass the base model, or merge_lora(model) first to keep what LoRA
+    learned.
+    """
+    for name, module in model.trf_blocks.named_modules():
+        if is_adapter(module) or type(module).__name__.startswith("Quantized"):
+            raise ValueError(
+                f"trf_blocks.{name} is a {type(module).__name__}, which transformers' GPT-2 has "
+                "no place for; pass the base model, or merge_lora(model) first to keep what "
+                "LoRA learned."
+            )
+    state = {}
+    for name, (tensors, conv) in _file_layout(model).items():
+        joined = torch.cat(
+            [t.detach().T if conv else t.detach() for t in tensors], dim=1 if conv else 0
+        )
+        state[name] = joined.to("cpu", copy=True).contiguous()
+    for i, block in enumerate(model.trf_blocks):
+        if block.att.W_query.bias is None:
+            width = sum(
+                m.weight.shape[0] for m in (block.att.W_query, block.att.W_key, block.att.W_value)
+            )
+            state[f"h.{i}.attn.c_attn.bias"] = torch.zeros(
+                width, dtype=block.att.W_query.weight.dtype
+            )
+    return state
 
 
 # --------------------------------------------------------------------------- fallback
