@@ -199,3 +199,92 @@ def update_size_after_training(
     return brief_training(
         rank, alpha, rule, in_dim=in_dim, out_dim=out_dim, steps=steps, lr=lr, seed=seed
     ).update_size
+
+
+#: How A is drawn at the start (B starts at zero in all three), for a LoRALayer's A of shape
+#: (in_dim, rank). The LoRA paper (section 4.1) uses "a random Gaussian initialization for A"
+#: without a scale; PEFT's init_lora_weights="gaussian" takes std 1/rank, used here.
+A_INITS = {
+    "paper": "Gaussian, std 1/r (the paper; PEFT's init_lora_weights='gaussian')",
+    "PEFT, ours": "Kaiming-uniform on the (r, in) layout: fan-in = in, bound 1/sqrt(in)",
+    "book": "Kaiming-uniform on an (in, r) tensor: fan-in = r, bound 1/sqrt(r)",
+}
+
+
+def _check_init(init: str) -> None:
+    if init not in A_INITS:
+        raise ValueError(f"Unknown initialisation {init!r} for A; use one of {list(A_INITS)}.")
+
+
+def a_init_std(init: str, in_dim: int, rank: int) -> float:
+    """The standard deviation of A's entries under one of A_INITS, for A of shape (in_dim, rank).
+
+    Kaiming-uniform with a = sqrt(5) draws from U(-b, b) with b = 1/sqrt(fan_in), whose std is
+    b / sqrt(3); which dimension is the fan-in is what separates PEFT's layout from the book's.
+    """
+    _check_init(init)
+    for name, value in (("in_dim", in_dim), ("rank", rank)):
+        _check_positive_int(name, value)
+    if init == "paper":
+        return 1 / rank
+    fan_in = in_dim if init == "PEFT, ours" else rank
+    return 1 / math.sqrt(3 * fan_in)
+
+
+def init_lora_A_(A: torch.Tensor, init: str, generator: torch.Generator | None = None) -> None:
+    """Fill A (in_dim, rank) in place as one of A_INITS does; raises ValueError for an unknown one."""
+    _check_init(init)
+    with torch.no_grad():
+        if init == "paper":
+            torch.nn.init.normal_(A, std=1 / A.shape[1], generator=generator)
+        else:  # nn.Linear's default: kaiming_uniform_(a=sqrt(5)) reads fan-in from dimension 1
+            layout = A.T if init == "PEFT, ours" else A
+            torch.nn.init.kaiming_uniform_(layout, a=math.sqrt(5), generator=generator)
+
+
+class FirstSteps(NamedTuple):
+    """A LoRALayer's first Adam steps: the update's size and the loss, one entry per step."""
+
+    update_sizes: tuple[float, ...]  # ||scaling * (A @ B)||_F after each step
+    losses: tuple[float, ...]  # before the first step, then after each step
+
+
+@functools.lru_cache(maxsize=256)
+def first_steps(
+    init: str,
+    rank: int = 16,
+    alpha: float = 16,
+    *,
+    dim: int = 768,
+    steps: int = 10,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> FirstSteps:
+    """Train a dim -> dim LoRALayer (A drawn as `init` says, B = 0) for `steps` Adam steps.
+
+    The task is brief_training's regression (128 inputs, a random dense target) at GPT-2
+    small's width by default. `seed` draws the task and A, so the inits compare on the same
+    tasks. float64 and deterministic; cached; leaves the global random state alone.
+    Raises ValueError for an unknown init or a bad rank, alpha or steps.
+    """
+    _check_init(init)
+    _check_positive_int("steps", steps)
+    lora_parameter_counts(dim, dim, rank)  # refuses rank > dim
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(128, dim, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(dim, dim, generator=g, dtype=torch.float64) / math.sqrt(dim)
+    with torch.random.fork_rng(devices=[]):  # the layer's own draw of A is replaced below
+        layer = LoRALayer(dim, dim, rank, alpha, dtype=torch.float64)
+    init_lora_A_(layer.A, init, generator=torch.Generator().manual_seed(seed))
+    optimizer = torch.optim.Adam(layer.parameters(), lr=lr)
+    sizes, losses = [], []
+    for _ in range(steps):
+        loss = torch.nn.functional.mse_loss(layer(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        sizes.append(layer.delta_weight().norm().item())
+    with torch.no_grad():
+        losses.append(torch.nn.functional.mse_loss(layer(x), y).item())
+    return FirstSteps(tuple(sizes), tuple(losses))

@@ -164,3 +164,73 @@ def plot_attention_patterns(patterns: Mapping[str, torch.Tensor]) -> Figure:
     axes[0][0].set_ylabel("query position")
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="attention weight")
     return fig
+
+
+def plot_lora_module(d: int = 768, k: int = 768, rank: int = 8) -> Figure:
+    """The LoRA module as in the LoRA paper's Figure 1: h = W x + (alpha/r) B A x.
+
+    The input x (k numbers) goes up two paths: through the frozen d x k weight W, and through
+    A (r x k, random) down to r numbers and B (d x r, zero at the start) back up to d; the
+    outputs are added. Widths are drawn to scale up to the smallest shown.
+    """
+    lora_parameter_counts(d, k, rank)  # checks d, k and rank
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    ax.set(xlim=(0, 10), ylim=(0.4, 10.2), aspect="equal")
+    ax.axis("off")
+
+    def width(n: int) -> float:
+        """Drawn width of n numbers: to scale, but never thinner than a line."""
+        return 3.2 * max(n / max(d, k), 0.08)
+
+    frozen, lora_color = "#8fb3d9", "#f3b37a"
+    # the frozen path: one box
+    ax.add_patch(plt.Rectangle((0.6, 3.0), 3.6, 3.6, color=frozen))
+    ax.text(2.4, 5.2, f"W\n{d} × {k}", ha="center", va="center", fontsize=12)
+    ax.text(2.4, 3.6, "pretrained, frozen", ha="center", va="center", fontsize=9, style="italic")
+    # the LoRA path: A narrows k to r, B widens r to d (trapezoids, as in the paper)
+    cx, mid = 7.3, 4.8
+    wk, wr, wd = width(k), width(rank), width(d)
+    a = [(cx - wk / 2, 3.0), (cx + wk / 2, 3.0), (cx + wr / 2, mid), (cx - wr / 2, mid)]
+    b = [(cx - wr / 2, mid), (cx + wr / 2, mid), (cx + wd / 2, 6.6), (cx - wd / 2, 6.6)]
+    ax.add_patch(plt.Polygon(a, color=lora_color))
+    ax.add_patch(plt.Polygon(b, color=lora_color, alpha=0.75))
+    ax.text(cx + wk / 2 + 0.2, 3.9, f"A: {rank} × {k}\nrandom", va="center", fontsize=10)
+    ax.text(cx + wd / 2 + 0.2, 5.7, f"B: {d} × {rank}\nzero at the start", va="center", fontsize=10)
+    ax.text(cx - wr / 2 - 0.2, mid, f"r = {rank}", ha="right", va="center", fontsize=10)
+    # input below, sum and output above
+    arrow = {"arrowstyle": "->", "color": "black", "lw": 1.2}
+    ax.text(5.0, 0.9, f"x  ({k} numbers)", ha="center", va="center", fontsize=11)
+    for x_end in (2.4, cx):
+        ax.annotate("", xy=(x_end, 3.0), xytext=(5.0, 1.3), arrowprops=arrow)
+    ax.add_patch(plt.Circle((5.0, 8.0), 0.35, fill=False, lw=1.2))
+    ax.text(5.0, 8.0, "+", ha="center", va="center", fontsize=14)
+    ax.annotate("", xy=(4.7, 7.8), xytext=(2.4, 6.6), arrowprops=arrow)
+    ax.annotate("", xy=(5.3, 7.8), xytext=(cx, 6.6), arrowprops=arrow)
+    ax.text(6.4, 7.5, "× α/r", fontsize=10)
+    ax.annotate("", xy=(5.0, 9.2), xytext=(5.0, 8.35), arrowprops=arrow)
+    ax.text(
+        5.0, 9.6, f"h = W x + (α/r) B A x   ({d} numbers)", ha="center", va="center", fontsize=11
+    )
+    fig.suptitle("A LoRA-adapted layer (after the LoRA paper's Figure 1)", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def plot_parameter_shares(breakdowns: Mapping[str, Mapping[str, int]]) -> Figure:
+    """One horizontal bar per model: the share of its parameters in each large component.
+
+    breakdowns: model name -> lora_helpers.gpt2.parameter_breakdown(model).
+    """
+    parts = ("token embedding", "position embedding", "attention (Q, K, V, out)", "feed-forward")
+    fig, ax = plt.subplots(figsize=(8, 3))
+    left = [0.0] * len(breakdowns)
+    for part in parts:
+        share = [100 * counts[part] / sum(counts.values()) for counts in breakdowns.values()]
+        ax.barh(list(breakdowns), share, left=left, label=part)
+        left = [a + b for a, b in zip(left, share, strict=True)]
+    ax.invert_yaxis()
+    ax.set_xlabel("share of all parameters (%)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=2, frameon=False)
+    ax.set_title("Where GPT-2's parameters live")
+    fig.tight_layout()
+    return fig
