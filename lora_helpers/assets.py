@@ -26,7 +26,6 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-_REPO_DATA = Path(__file__).resolve().parents[1] / "data"
 _CHUNK = 1 << 20  # bytes per read
 _TIMEOUT_S = 30
 _verified: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, per process
@@ -36,13 +35,26 @@ class AssetError(RuntimeError):
     """A file could not be found or fetched; the message says what to do."""
 
 
+def checkout() -> Path | None:
+    """The series' repository checkout in use, or None (Colab, a script outside a checkout).
+
+    The folder above this package when it is a checkout (pip install -e .), else the working
+    directory or the nearest of its parents that is one (pip install ., notebooks run from
+    a checkout). A checkout holds data/README.md, notebooks/ and lora_helpers/.
+    """
+    cwd = Path.cwd().resolve()
+    for root in (Path(__file__).resolve().parents[1], cwd, *cwd.parents):
+        if all((root / p).exists() for p in ("data/README.md", "notebooks", "lora_helpers")):
+            return root
+    return None
+
+
 def data_dir() -> Path:
     """The writable cache: $LORA_DATA_DIR, else the checkout's data/, else ~/.cache/lora-from-scratch."""
     if os.environ.get("LORA_DATA_DIR"):
         return Path(os.environ["LORA_DATA_DIR"]).expanduser()
-    if (_REPO_DATA / "README.md").is_file():
-        return _REPO_DATA
-    return Path.home() / ".cache" / "lora-from-scratch"
+    root = checkout()
+    return root / "data" if root else Path.home() / ".cache" / "lora-from-scratch"
 
 
 def asset_search_path() -> list[Path]:

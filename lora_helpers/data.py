@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .assets import AssetError, data_dir, fetch, find_asset
+from .assets import AssetError, checkout, data_dir, fetch, find_asset
 
 if TYPE_CHECKING:
     from tiktoken import Encoding
@@ -31,7 +31,6 @@ SMS_COUNTS = {"ham": 4827, "spam": 747}
 SMS_MEMBER = "SMSSpamCollection"
 MAX_MEMBER_BYTES = 5_000_000  # the real file is 0.48 MB
 TINY_RELPATH = "tiny/sms_tiny.tsv"
-TINY_PATH = Path(__file__).resolve().parents[1] / "data" / TINY_RELPATH  # in a checkout
 TINY_URL = (
     "https://raw.githubusercontent.com/lora-from-scratch/lora-from-scratch/main/data/"
     + TINY_RELPATH
@@ -172,8 +171,9 @@ def load_tiny_sms(path: Path | None = None) -> list[Row]:
     fetched once from the repository on GitHub (sha256-checked).
     """
     if path is None:
-        path = TINY_PATH
-        if not path.is_file():
+        root = checkout()
+        path = root / "data" / TINY_RELPATH if root else None
+        if path is None or not path.is_file():
             path = fetch(TINY_RELPATH, TINY_URL, sha256=TINY_SHA256, desc="tiny SMS dataset")
     return parse_sms(Path(path).read_text(encoding="utf-8"))
 

@@ -32,8 +32,6 @@ from .assets import AssetError
 from .attention import MultiHeadAttention
 from .lora import LinearWithLoRA, evaluating, is_adapter
 
-_REPO_ROOT = Path(__file__).resolve().parents[1]
-
 # ---------------------------------------------------------------------------- configs
 
 #: (emb_dim, n_layers, n_heads) of the four published sizes.
@@ -435,8 +433,8 @@ class GPT2Source(NamedTuple):
 def _show(path: Path) -> str:
     """A path for printing: relative to the repository when inside it, else with ~ for home."""
     path = path.resolve()
-    for base, prefix in ((_REPO_ROOT, ""), (Path.home(), "~/")):
-        if path.is_relative_to(base):
+    for base, prefix in ((assets.checkout(), ""), (Path.home(), "~/")):
+        if base and path.is_relative_to(base):
             return prefix + path.relative_to(base).as_posix()
     return str(path)
 

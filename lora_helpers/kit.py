@@ -34,12 +34,11 @@ from typing import NamedTuple
 from packaging.requirements import Requirement
 
 from . import assets, data, gpt2
-from .assets import AssetError
+from .assets import AssetError, checkout
 
 DEFAULT_GPT2 = ("gpt2-small",)
 TOKENIZER_DIR = "gpt2-tokenizer"
 DISTRIBUTION = "lora-from-scratch"
-_REPO = Path(__file__).resolve().parents[1]
 
 
 class KitItem(NamedTuple):
@@ -169,13 +168,13 @@ def missing_requirements(distribution: str = DISTRIBUTION) -> list[str]:
 
 def display_path(path: Path) -> str:
     """A path for printing: relative to the repository (or its folder), or with ~ for home."""
-    path = Path(path).resolve()
-    if path.is_relative_to(_REPO):
-        return path.relative_to(_REPO).as_posix() or "."
+    path, repo = Path(path).resolve(), checkout()
+    if repo and path.is_relative_to(repo):
+        return path.relative_to(repo).as_posix() or "."
     if path.is_relative_to(Path.home()):
         return "~/" + path.relative_to(Path.home()).as_posix()
-    if path.is_relative_to(_REPO.parent):
-        return "../" + path.relative_to(_REPO.parent).as_posix()
+    if repo and path.is_relative_to(repo.parent):
+        return "../" + path.relative_to(repo.parent).as_posix()
     return str(path)
 
 

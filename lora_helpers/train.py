@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from . import protocol
 from .adapters import save_adapter
-from .assets import data_dir
+from .assets import checkout, data_dir
 from .data import LABELS, Loaders, encode
 from .gpt2 import GPT2Source, classify_logits
 from .lora import (
@@ -819,9 +819,9 @@ def save_results(
 
 
 def results_dir() -> Path:
-    """results/ of the repository checkout, else data_dir()/results (an installed package)."""
-    repo = Path(__file__).resolve().parents[1] / "results"
-    return repo if (repo / "README.md").is_file() else data_dir() / "results"
+    """results/ of the repository checkout (assets.checkout), else data_dir()/results."""
+    root = checkout()
+    return root / "results" if root else data_dir() / "results"
 
 
 def saved_results(prefix: str) -> list[tuple[Path, dict]]:

@@ -2,12 +2,15 @@
 
 import hashlib
 import os
+from pathlib import Path
 
 import pytest
 from _http_server import FileServer, closed_port_url
 
 from lora_helpers import assets
 from lora_helpers.assets import AssetError, asset_search_path, data_dir, fetch, find_asset
+
+ROOT = Path(__file__).resolve().parents[1]
 
 DATA = bytes(range(256)) * 4000  # 1,024,000 bytes: several read chunks
 SHA = hashlib.sha256(DATA).hexdigest()
@@ -35,8 +38,8 @@ def test_data_dir_is_lora_data_dir_when_set(isolated):
 
 def test_data_dir_is_the_checkouts_data_folder_else_the_home_cache(monkeypatch, tmp_path):
     monkeypatch.delenv("LORA_DATA_DIR")
-    assert data_dir() == assets._REPO_DATA  # this checkout has data/README.md
-    monkeypatch.setattr(assets, "_REPO_DATA", tmp_path / "not-a-checkout" / "data")
+    assert data_dir() == ROOT / "data"  # this checkout has data/README.md
+    monkeypatch.setattr(assets, "checkout", lambda: None)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert data_dir() == tmp_path / "home" / ".cache" / "lora-from-scratch"
 
@@ -204,3 +207,18 @@ def test_an_unwritable_cache_is_a_clear_error(server, monkeypatch, tmp_path):
     monkeypatch.setenv("LORA_DATA_DIR", str(tmp_path / "a-file" / "cache"))
     with pytest.raises(AssetError, match="set LORA_DATA_DIR to a writable folder"):
         fetch(REL, server.url("/blob.bin"))
+
+
+def test_the_checkout_is_found_from_the_working_directory_for_an_installed_package(
+    monkeypatch, tmp_path
+):
+    """pip install . puts the package in site-packages; notebooks run from a checkout still
+    find its data/ and results/ (and print paths relative to it)."""
+    installed = tmp_path / "site-packages" / "lora_helpers" / "assets.py"
+    monkeypatch.setattr(assets, "__file__", str(installed))
+    monkeypatch.delenv("LORA_DATA_DIR", raising=False)
+    monkeypatch.chdir(ROOT / "notebooks")
+    assert assets.checkout() == ROOT
+    assert data_dir() == ROOT / "data"
+    monkeypatch.chdir(tmp_path)
+    assert assets.checkout() is None

@@ -3,12 +3,15 @@
 import hashlib
 import zipfile
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 
 from lora_helpers import data
 from lora_helpers.assets import AssetError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class CharTokenizer:
@@ -123,12 +126,13 @@ def test_tiny_dataset_is_balanced_and_splits_70_10_20():
 def test_the_tiny_dataset_hash_matches_the_committed_file():
     # load_tiny_sms downloads the file with this hash where the checkout is absent (Colab):
     # update TINY_SHA256 whenever data/tiny/sms_tiny.tsv changes.
-    assert hashlib.sha256(data.TINY_PATH.read_bytes()).hexdigest() == data.TINY_SHA256
+    committed = ROOT / "data" / data.TINY_RELPATH
+    assert hashlib.sha256(committed.read_bytes()).hexdigest() == data.TINY_SHA256
 
 
 def test_without_the_checkout_the_tiny_dataset_is_fetched(cache, monkeypatch):
-    committed = data.TINY_PATH.read_bytes()
-    monkeypatch.setattr(data, "TINY_PATH", cache / "absent.tsv")
+    committed = (ROOT / "data" / data.TINY_RELPATH).read_bytes()
+    monkeypatch.setattr(data, "checkout", lambda: None)
     with pytest.raises(AssetError, match="LORA_OFFLINE=1"):
         data.load_tiny_sms()
     (cache / "tiny").mkdir(parents=True)
