@@ -17,6 +17,8 @@ studies    the tiny transformer behind notebooks 06-08: rank, alpha, targets, in
 dora       DoRA from scratch
 quant      4-bit (int4 / NF4) blockwise quantisation and LoRA on a quantised base
 kit        the offline classroom kit: download every asset into one folder
+bench      speed and memory of LoRA, full fine-tuning, the last block and PEFT's LoRA
+claims     the popular claims notebook 04 checks, rebuilt as their sources describe them
 """
 
 __version__ = "0.1.0"

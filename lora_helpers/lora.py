@@ -96,7 +96,9 @@ class LoRALayer(nn.Module):
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scaling * (self.dropout(x) @ self.A @ self.B)
+        update = self.dropout(x) @ self.A @ self.B
+        # 1 * update is update, bit for bit: skip that pass over (..., out_dim) at scaling 1
+        return update if self.scaling == 1 else self.scaling * update
 
     def delta_weight(self) -> torch.Tensor:
         """The update as a weight, (out_dim, in_dim), in nn.Linear's layout: scaling * (A @ B)^T."""
