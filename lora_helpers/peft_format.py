@@ -115,6 +115,16 @@ def _rank_factor(rank: int, rslora: bool) -> float:
 # --------------------------------------------------------------------------------- export
 
 
+def _refuse_meta(model: nn.Module) -> None:
+    """ValueError when `model` has parameters on the meta device (shapes without values)."""
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError(
+            "The model is on the meta device: it has shapes but no values to export or to load "
+            "into; build it on a real device first (model.to_empty(device='cpu'), then load its "
+            "weights)."
+        )
+
+
 def _exportable_layers(model: nn.Module) -> dict[str, LinearWithLoRA]:
     """The model's LoRA layers, after refusing what PEFT's GPT-2 format cannot hold exactly."""
     if not isinstance(model, GPTModel):
@@ -122,6 +132,7 @@ def _exportable_layers(model: nn.Module) -> dict[str, LinearWithLoRA]:
             f"export_peft_adapter maps a lora_helpers.gpt2.GPTModel onto transformers' GPT-2, got "
             f"{type(model).__name__}; export the adapter of a GPTModel."
         )
+    _refuse_meta(model)
     for name, module in model.named_modules():
         if isinstance(module, (QuantizedLinear, QuantizedLinearWithLoRA)):
             raise ValueError(
@@ -293,6 +304,8 @@ def export_peft_adapter(model: nn.Module, directory: str | Path) -> Path:
         tensors[_HEAD_KEYS[name]] = tensor
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{directory} is a file; give export_peft_adapter a folder to write into.")
     directory.mkdir(parents=True, exist_ok=True)
     writes = {
         PEFT_WEIGHTS_FILE: lambda path: save_file(tensors, str(path)),
@@ -321,12 +334,26 @@ def _read_peft_config(directory: str | Path) -> dict:
             f"No {PEFT_CONFIG_FILE} in {directory}; pass the folder that PEFT's save_pretrained "
             "(or export_peft_adapter) wrote."
         )
-    config = json.loads(path.read_text())
-    if config.get("peft_type") != "LORA":
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(
-            f"This is a PEFT {config.get('peft_type')!r} adapter, not LoRA; load_peft_adapter "
-            "reads LoRA adapters only."
+            f"{path} is not valid JSON ({err}); save the adapter again with PEFT's save_pretrained."
+        ) from err
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"{path} holds a {type(config).__name__}, not PEFT's settings object; save the adapter again."
         )
+    if config.get("peft_type") != "LORA":
+        kind = (
+            f"a PEFT {config['peft_type']!r} adapter"
+            if "peft_type" in config
+            else "without a peft_type"
+        )
+        raise ValueError(
+            f"{path} is {kind}, not LoRA; load_peft_adapter reads PEFT LoRA adapters only."
+        )
+    _check_numbers(config, path)
     if config.get("bias", "none") != "none":
         raise ValueError(
             f"The adapter was trained with bias={config['bias']!r}, so it changes base biases "
@@ -347,6 +374,45 @@ def _read_peft_config(directory: str | Path) -> dict:
                 "LinearWithLoRA, so train the adapter without it."
             )
     return config
+
+
+def _check_numbers(config: dict, path: Path) -> None:
+    """ValueError naming the setting when r, lora_alpha, their patterns or lora_dropout are not
+    numbers PEFT could have written (a positive whole rank, a finite alpha, dropout in [0, 1))."""
+
+    def rank_ok(r) -> bool:
+        return isinstance(r, int | float) and not isinstance(r, bool) and r == int(r) and r >= 1
+
+    def alpha_ok(a) -> bool:
+        return isinstance(a, int | float) and not isinstance(a, bool) and math.isfinite(a)
+
+    checks = [
+        ("r", config.get("r", 8), rank_ok),
+        ("lora_alpha", config.get("lora_alpha", 8), alpha_ok),
+    ]
+    for name, ok in (("rank_pattern", rank_ok), ("alpha_pattern", alpha_ok)):
+        patterns = config.get(name) or {}
+        if not isinstance(patterns, dict):
+            raise ValueError(
+                f"{name} in {path} must map module names to numbers, got {patterns!r}."
+            )
+        for key, value in patterns.items():
+            try:
+                re.compile(key)
+            except re.error as err:
+                raise ValueError(
+                    f"{name} in {path} has the key {key!r}, not a valid pattern ({err})."
+                ) from err
+            checks.append((f"{name}[{key!r}]", value, ok))
+    for name, value, ok in checks:
+        if not ok(value):
+            raise ValueError(
+                f"{name} in {path} is {value!r}; PEFT writes a positive whole number for a rank "
+                "and a finite number for alpha: save the adapter again."
+            )
+    dropout = config.get("lora_dropout") or 0.0
+    if not alpha_ok(dropout) or not 0 <= dropout < 1:
+        raise ValueError(f"lora_dropout in {path} is {dropout!r}; it must be a number in [0, 1).")
 
 
 def _pattern(patterns: dict, name: str, default):
@@ -415,7 +481,7 @@ def _plan(
                 "for another GPT-2 size; load it into that size."
             )
         said = _pattern(config.get("rank_pattern") or {}, module, config.get("r", 8))
-        if said != rank:
+        if int(said) != rank:
             raise ValueError(
                 f"The config gives {module} rank {said} but its tensors have rank {rank}, so "
                 "its scaling is unclear; save the adapter again with PEFT."
@@ -489,12 +555,15 @@ def load_peft_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     Raises TypeError for a model that is not a GPTModel, FileNotFoundError without the files,
     and ValueError, leaving the model exactly as it was, for an adapter that does not map:
     another architecture or size, another PEFT type, DoRA or another LoRA variant, other
-    targets, bias != "none", modules to save other than the head, a model with adapters.
+    targets, bias != "none", modules to save other than the head, a model with adapters or on
+    the meta device, a damaged file (invalid JSON or safetensors, a rank or alpha that is not
+    a number, NaN or infinite values).
     """
     if not isinstance(model, GPTModel):
         raise TypeError(
             f"load_peft_adapter loads into a lora_helpers.gpt2.GPTModel, got {type(model).__name__}."
         )
+    _refuse_meta(model)
     taken = [n for n, m in model.named_modules() if is_adapter(m) or isinstance(m, QuantizedLinear)]
     if taken:
         raise ValueError(
@@ -508,7 +577,19 @@ def load_peft_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
             f"No {PEFT_WEIGHTS_FILE} in {directory}; save the adapter with PEFT's "
             "save_pretrained (safe_serialization=True, the default)."
         )
-    plan, head = _plan(model, config, load_file(str(weights)))
+    try:
+        tensors = load_file(str(weights))
+    except Exception as err:  # safetensors raises its own error types for a damaged file
+        raise ValueError(
+            f"{weights} cannot be read as safetensors ({err}); save the adapter again."
+        ) from err
+    broken = [key for key, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()]
+    if broken:
+        raise ValueError(
+            f"{weights} holds NaN or infinite values in {broken[0]!r}"
+            f"{f' (and {len(broken) - 1} more)' if len(broken) > 1 else ''}: the adapter is broken."
+        )
+    plan, head = _plan(model, config, tensors)
     dropout = float(config.get("lora_dropout") or 0.0)
     replaced = {  # undone if anything below fails: the modules it replaces, the flags it resets
         name: module
@@ -555,7 +636,7 @@ def load_peft_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
 
 
 def to_transformers(model: GPTModel, n_classes: int | None = None) -> nn.Module:
-    """transformers' GPT-2 holding `model`'s base weights, in eval mode, on the CPU.
+    """transformers' GPT-2 holding `model`'s base weights, in its dtype and eval mode, on the CPU.
 
     GPT2LMHeadModel, or with `n_classes` GPT2ForSequenceClassification whose `score` stays
     random until an adapter (export_peft_adapter) brings the trained head. Its config has
@@ -563,8 +644,8 @@ def to_transformers(model: GPTModel, n_classes: int | None = None) -> nn.Module:
     classify_logits(model, ids) does (module docstring); feed it one row at a time.
     This is the base PeftModel.from_pretrained needs for an adapter of `model`.
 
-    Raises TypeError for a model that is not a GPTModel and ValueError for one whose block
-    layers carry adapters or 4 bits (see gpt2_state_dict).
+    Raises TypeError for a model that is not a GPTModel and ValueError for one on the meta
+    device or whose block layers carry adapters or 4 bits (see gpt2_state_dict).
     """
     import transformers  # a core dependency, imported here so that the module loads fast
 
@@ -572,6 +653,7 @@ def to_transformers(model: GPTModel, n_classes: int | None = None) -> nn.Module:
         raise TypeError(
             f"to_transformers takes a lora_helpers.gpt2.GPTModel, got {type(model).__name__}."
         )
+    _refuse_meta(model)
     state = gpt2_state_dict(model)
     cfg = model.cfg
     config = transformers.GPT2Config(
@@ -599,4 +681,4 @@ def to_transformers(model: GPTModel, n_classes: int | None = None) -> nn.Module:
             f"transformers' GPT-2 did not take these weights (missing {missing[:3]}, unexpected "
             f"{unexpected[:3]}); this transformers version names them differently."
         )
-    return theirs.eval()
+    return theirs.to(model.tok_emb.weight.dtype).eval()

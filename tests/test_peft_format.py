@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lora_helpers import peft_format
 from lora_helpers.adapters import export_peft_adapter, load_peft_adapter
 from lora_helpers.dora import replace_linear_with_dora
 from lora_helpers.gpt2 import (
@@ -571,6 +572,26 @@ def _nan_alpha(bases, directory) -> None:
     )
 
 
+def _damaged(directory, theirs, text: str) -> None:
+    _plain(directory, theirs)
+    (directory / "adapter_config.json").write_text(text)
+
+
+def _broken_weights(directory, theirs) -> None:
+    _plain(directory, theirs)
+    path = directory / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:40])
+
+
+def _nan_weights(directory, theirs) -> None:
+    _plain(directory, theirs)
+    path = directory / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    key = sorted(tensors)[0]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(path))
+
+
 REFUSALS = {
     "another-architecture": (_llama, "another architecture"),
     "wider": (lambda b, d: _another_size(d, emb_dim=48, n_heads=4), "another GPT-2 size"),
@@ -587,7 +608,17 @@ REFUSALS = {
     "pissa": (lambda b, d: _edited(d, b[0], init_lora_weights="pissa"), "changes the base weights"),
     "rank-edited": (lambda b, d: _edited(d, b[0], r=8), "rank 8"),
     "trained-ln_f": (_trained_ln_f, "final LayerNorm"),
-    "nan-alpha": (_nan_alpha, "alpha must be a finite number"),
+    "nan-alpha": (_nan_alpha, r"alpha_pattern\['h.1.mlp.c_proj'\] in .* is nan"),
+    # damaged files: one sentence naming the file or the setting, nothing changed
+    "not-json": (lambda b, d: _damaged(d, b[0], "{'r': 4"), "not valid JSON"),
+    "json-list": (lambda b, d: _damaged(d, b[0], "[1, 2]"), "holds a list"),
+    "no-peft-type": (lambda b, d: _damaged(d, b[0], "{}"), "without a peft_type"),
+    "rank-as-text": (lambda b, d: _edited(d, b[0], r="4"), r"r in .* is '4'"),
+    "alpha-null": (lambda b, d: _edited(d, b[0], lora_alpha=None), "lora_alpha in .* is None"),
+    "bad-pattern": (lambda b, d: _edited(d, b[0], rank_pattern={"h.(0": 4}), "not a valid pattern"),
+    "dropout-1": (lambda b, d: _edited(d, b[0], lora_dropout=1.0), r"lora_dropout .* \[0, 1\)"),
+    "not-safetensors": (lambda b, d: _broken_weights(d, b[0]), "cannot be read as safetensors"),
+    "nan-weights": (lambda b, d: _nan_weights(d, b[0]), "NaN or infinite"),
 }
 
 
@@ -681,3 +712,49 @@ def test_to_transformers_refuses_what_gpt2_has_no_place_for(bases):
             to_transformers(changed)
     with pytest.raises(ValueError, match="Quantized"):
         to_transformers(quantize_linears(copy.deepcopy(base)))
+
+
+def test_a_failure_late_in_a_load_puts_back_the_head_and_every_layer(bases, tmp_path, monkeypatch):
+    """The head is replaced and blocks are wrapped before the last wrap fails: all undone."""
+    export_peft_adapter(_classifier(bases[1]), tmp_path)
+    model = copy.deepcopy(bases[1])
+    snapshot = _snapshot(model)
+    wrapped = []
+
+    def wraps_then_fails(model, *args, **kwargs):
+        replace_linear_with_lora(model, *args, **kwargs)
+        wrapped.extend(n for n, m in model.named_modules() if isinstance(m, LinearWithLoRA))
+        raise ValueError("a wrap refused late")
+
+    monkeypatch.setattr(peft_format, "replace_linear_with_lora", wraps_then_fails)
+    with pytest.raises(ValueError, match="refused late"):
+        load_peft_adapter(model, tmp_path)
+    assert wrapped  # the load had really changed the model
+    _assert_unchanged(model, snapshot)
+    assert model.out_head.weight is model.tok_emb.weight
+
+
+def test_meta_models_are_refused_by_name(bases, tmp_path):
+    theirs = bases[0]
+    _plain(tmp_path / "adapter", theirs)
+    with torch.device("meta"):
+        meta = GPTModel(CFG)
+    for call in (
+        lambda: load_peft_adapter(meta, tmp_path / "adapter"),
+        lambda: to_transformers(meta),
+        lambda: export_peft_adapter(replace_linear_with_lora(meta, 2, 4), tmp_path / "out"),
+    ):
+        with pytest.raises(ValueError, match="meta device"):
+            call()
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_into_a_file_path_is_refused(bases, tmp_path):
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        export_peft_adapter(_lora(bases[1]), tmp_path / "taken")
+
+
+def test_to_transformers_keeps_the_models_dtype(bases):
+    half = copy.deepcopy(bases[1]).to(torch.bfloat16)
+    assert to_transformers(half).transformer.wte.weight.dtype == torch.bfloat16
