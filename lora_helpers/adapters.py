@@ -37,6 +37,7 @@ from .lora import (
     lora_state_dict,
     mark_only_lora_as_trainable,
     replace_linear_with_lora,
+    undone_on_error,
 )
 
 # PEFT's format, both ways; it lives in its own module, and is offered here with the adapters.
@@ -346,15 +347,7 @@ def load_adapter(
                 "layers); load the adapter into a fresh base model."
             )
     tensors = load_file(str(Path(directory) / WEIGHTS_FILE))
-    # Changes below are undone if anything does not fit: the modules they replace and the
-    # requires_grad flags they reset are remembered first.
-    replaced = {  # every layer that a wrap or the new head could replace
-        name: module
-        for name, module in model.named_modules()
-        if name == "out_head" or isinstance(module, nn.Linear)
-    }
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
+    with undone_on_error(model):  # all or nothing
         if not layers:
             if _head(model).out_features != config["n_classes"]:
                 to_classifier(model, config["n_classes"])
@@ -382,12 +375,6 @@ def load_adapter(
         with torch.no_grad():
             for key, value in head.items():
                 own[key].copy_(value)
-    except Exception:
-        for name, module in replaced.items():
-            model.set_submodule(name, module)
-        for param, flag in flags:
-            param.requires_grad_(flag)
-        raise
     return model
 
 

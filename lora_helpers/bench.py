@@ -66,6 +66,7 @@ from .lora import (
     merge_lora,
     wrap_linear_layers,
 )
+from .peft_format import transformers_config
 from .protocol import format_table
 from .train import autocast_dtype, checkpoint_size, device_slug, save_checkpoint
 
@@ -219,19 +220,10 @@ def build_model(cfg: dict, mode: str, device: torch.device, rank: int = 16, alph
 
 def _peft_model(cfg: dict, device: torch.device, rank: int, alpha: float) -> nn.Module:
     from peft import LoraConfig, get_peft_model  # imported when asked for: it takes seconds
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
-    config = GPT2Config(
-        vocab_size=cfg["vocab_size"],
-        n_positions=cfg["context_length"],
-        n_embd=cfg["emb_dim"],
-        n_layer=cfg["n_layers"],
-        n_head=cfg["n_heads"],
-        resid_pdrop=cfg["drop_rate"],
-        embd_pdrop=cfg["drop_rate"],
-        attn_pdrop=cfg["drop_rate"],
-        bos_token_id=cfg["vocab_size"] - 1,  # <|endoftext|>, the last token
-        eos_token_id=cfg["vocab_size"] - 1,
+    config = transformers_config(
+        cfg,
         use_cache=False,  # training keeps no key/value cache
         attn_implementation="sdpa",  # the fused attention our model uses too
     )

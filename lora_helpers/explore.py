@@ -165,23 +165,39 @@ def brief_training(
     _check_positive_int("steps", steps)
     layer_alpha, rslora = lora_layer_arguments(rank, alpha, rule)
     lora_parameter_counts(out_dim, in_dim, rank)  # refuses rank > min: LoRALayer only warns
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(128, in_dim, generator=g, dtype=torch.float64)
-    y = x @ torch.randn(in_dim, out_dim, generator=g, dtype=torch.float64) / math.sqrt(in_dim)
+    x, y = _regression_task(in_dim, out_dim, seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         layer = LoRALayer(in_dim, out_dim, rank, layer_alpha, rslora=rslora, dtype=torch.float64)
+    sizes, losses = _adam_steps(layer, x, y, steps, lr)
+    return BriefTraining(sizes[-1], 1 - losses[-1] / losses[0])
+
+
+def _regression_task(in_dim: int, out_dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """128 inputs x (128, in_dim) and targets y = x @ W_target / sqrt(in_dim), float64, from `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(128, in_dim, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(in_dim, out_dim, generator=g, dtype=torch.float64) / math.sqrt(in_dim)
+    return x, y
+
+
+def _adam_steps(
+    layer: LoRALayer, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float
+) -> tuple[list[float], list[float]]:
+    """`steps` Adam steps on the mean squared error; ||ΔW||_F after each step, and the loss
+    before the first step and after each step."""
     optimizer = torch.optim.Adam(layer.parameters(), lr=lr)
-    losses = []
+    sizes, losses = [], []
     for _ in range(steps):
         loss = torch.nn.functional.mse_loss(layer(x), y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+        sizes.append(layer.delta_weight().norm().item())
     with torch.no_grad():
-        final = torch.nn.functional.mse_loss(layer(x), y).item()
-        return BriefTraining(layer.delta_weight().norm().item(), 1 - final / losses[0])
+        losses.append(torch.nn.functional.mse_loss(layer(x), y).item())
+    return sizes, losses
 
 
 def update_size_after_training(
@@ -270,21 +286,9 @@ def first_steps(
     _check_init(init)
     _check_positive_int("steps", steps)
     lora_parameter_counts(dim, dim, rank)  # refuses rank > dim
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(128, dim, generator=g, dtype=torch.float64)
-    y = x @ torch.randn(dim, dim, generator=g, dtype=torch.float64) / math.sqrt(dim)
+    x, y = _regression_task(dim, dim, seed)
     with torch.random.fork_rng(devices=[]):  # the layer's own draw of A is replaced below
         layer = LoRALayer(dim, dim, rank, alpha, dtype=torch.float64)
     init_lora_A_(layer.A, init, generator=torch.Generator().manual_seed(seed))
-    optimizer = torch.optim.Adam(layer.parameters(), lr=lr)
-    sizes, losses = [], []
-    for _ in range(steps):
-        loss = torch.nn.functional.mse_loss(layer(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        sizes.append(layer.delta_weight().norm().item())
-    with torch.no_grad():
-        losses.append(torch.nn.functional.mse_loss(layer(x), y).item())
+    sizes, losses = _adam_steps(layer, x, y, steps, lr)
     return FirstSteps(tuple(sizes), tuple(losses))

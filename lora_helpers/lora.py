@@ -395,6 +395,27 @@ def restored_modes(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextlib.contextmanager
+def undone_on_error(model: nn.Module) -> Iterator[nn.Module]:
+    """If the block raises, `model` is put back as it was: every nn.Linear and the out_head
+    it replaced (by a wrap or a new head) return to their places, every requires_grad flag
+    to its value. For loaders that must change all or nothing."""
+    places = {
+        name: module
+        for name, module in model.named_modules()
+        if name == "out_head" or isinstance(module, nn.Linear)
+    }
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield model
+    except BaseException:
+        for name, module in places.items():
+            model.set_submodule(name, module)
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        raise
+
+
+@contextlib.contextmanager
 def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     """Eval mode inside the block, the caller's modes after it (see restored_modes)."""
     with restored_modes(model):

@@ -53,6 +53,7 @@ import re
 import warnings
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -66,8 +67,12 @@ from .lora import (
     lora_layers,
     mark_only_lora_as_trainable,
     replace_linear_with_lora,
+    undone_on_error,
 )
 from .quant import QuantizedLinear, QuantizedLinearWithLoRA
+
+if TYPE_CHECKING:
+    import transformers
 
 PEFT_WEIGHTS_FILE, PEFT_CONFIG_FILE = "adapter_model.safetensors", "adapter_config.json"
 
@@ -591,13 +596,7 @@ def load_peft_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         )
     plan, head = _plan(model, config, tensors)
     dropout = float(config.get("lora_dropout") or 0.0)
-    replaced = {  # undone if anything below fails: the modules it replaces, the flags it resets
-        name: module
-        for name, module in model.named_modules()
-        if name == "out_head" or isinstance(module, nn.Linear)
-    }
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
+    with undone_on_error(model):  # all or nothing
         if head is not None and (
             model.out_head.weight is model.tok_emb.weight
             or model.out_head.out_features != head[0].shape[0]
@@ -623,16 +622,32 @@ def load_peft_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
             with torch.no_grad():
                 model.out_head.weight.copy_(head[0])
                 model.out_head.bias.copy_(head[1])
-    except Exception:
-        for name, module in replaced.items():
-            model.set_submodule(name, module)
-        for param, flag in flags:
-            param.requires_grad_(flag)
-        raise
     return model
 
 
 # ------------------------------------------------------------------------ transformers
+
+
+def transformers_config(cfg: dict, **extra) -> transformers.GPT2Config:
+    """transformers' GPT2Config for one of our GPTModel configs (gpt2_config, FALLBACK_CONFIG):
+    the same sizes, dropout and LayerNorm epsilon; <|endoftext|> (the last token) as BOS and
+    EOS; `extra` settings replace or add to these."""
+    import transformers
+
+    settings = {
+        "vocab_size": cfg["vocab_size"],
+        "n_positions": cfg["context_length"],
+        "n_embd": cfg["emb_dim"],
+        "n_layer": cfg["n_layers"],
+        "n_head": cfg["n_heads"],
+        "resid_pdrop": cfg["drop_rate"],
+        "embd_pdrop": cfg["drop_rate"],
+        "attn_pdrop": cfg["drop_rate"],
+        "layer_norm_epsilon": 1e-5,
+        "bos_token_id": cfg["vocab_size"] - 1,
+        "eos_token_id": cfg["vocab_size"] - 1,
+    }
+    return transformers.GPT2Config(**(settings | extra))
 
 
 def to_transformers(model: GPTModel, n_classes: int | None = None) -> nn.Module:
@@ -655,20 +670,7 @@ def to_transformers(model: GPTModel, n_classes: int | None = None) -> nn.Module:
         )
     _refuse_meta(model)
     state = gpt2_state_dict(model)
-    cfg = model.cfg
-    config = transformers.GPT2Config(
-        vocab_size=cfg["vocab_size"],
-        n_positions=cfg["context_length"],
-        n_embd=cfg["emb_dim"],
-        n_layer=cfg["n_layers"],
-        n_head=cfg["n_heads"],
-        resid_pdrop=cfg["drop_rate"],
-        embd_pdrop=cfg["drop_rate"],
-        attn_pdrop=cfg["drop_rate"],
-        layer_norm_epsilon=1e-5,
-        num_labels=n_classes or 2,
-        pad_token_id=None,
-    )
+    config = transformers_config(model.cfg, num_labels=n_classes or 2, pad_token_id=None)
     kind = (
         transformers.GPT2LMHeadModel
         if n_classes is None

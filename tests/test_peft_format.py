@@ -32,7 +32,7 @@ from lora_helpers.lora import (
     merge_lora,
     replace_linear_with_lora,
 )
-from lora_helpers.peft_format import to_transformers
+from lora_helpers.peft_format import to_transformers, transformers_config
 from lora_helpers.quant import add_lora_to_quantized, quantize_linears
 
 peft = pytest.importorskip("peft")
@@ -67,19 +67,7 @@ THEIRS = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj")
 
 
 def _hf_config(cfg: dict, **extra) -> "transformers.GPT2Config":
-    return transformers.GPT2Config(
-        vocab_size=cfg["vocab_size"],
-        n_positions=cfg["context_length"],
-        n_embd=cfg["emb_dim"],
-        n_layer=cfg["n_layers"],
-        n_head=cfg["n_heads"],
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=cfg["vocab_size"] - 1,
-        eos_token_id=cfg["vocab_size"] - 1,
-        **extra,
-    )
+    return transformers_config(cfg, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **extra)
 
 
 def _pair(cfg: dict, path) -> tuple[nn.Module, GPTModel]:
