@@ -18,6 +18,7 @@ dora       DoRA from scratch
 quant      4-bit (int4 / NF4) blockwise quantisation and LoRA on a quantised base
 kit        the offline classroom kit: download every asset into one folder
 bench      speed and memory of LoRA, full fine-tuning, the last block and PEFT's LoRA
+memory     the bytes a training step holds, by part: full, LoRA, QLoRA, GPT-2 to a 7B shape
 claims     the popular claims notebook 04 checks, rebuilt as their sources describe them
 """
 
