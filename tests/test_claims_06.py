@@ -1,11 +1,28 @@
-"""What notebook 06 concludes, checked at small size.
+"""What notebook 06 concludes, checked at small size where it holds there.
 
 Each test asserts one conclusion of the prose of notebooks/06_rank_alpha_targets.ipynb (the
-markdown after each table), with the notebook's settings unless its docstring says what was
-shrunk; where something was shrunk, the claim was checked to hold at the notebook's size too.
-Each asserts a relation with some margin, not a number; they pass with the default CPU kernels
-and with ATEN_CPU_CAPABILITY=default (runs at a large scaling are chaotic enough that float64
-round-off changes their digits from one CPU to another, so no test relies on those digits).
+markdown after each table). The notebook prints each verdict at its full size, computed, and
+nbval compares those printouts on every run: that guards the notebook's numbers. What was shrunk:
+
+- the scaling rule (e) and alpha as a step size (f): 10 steps instead of 100, alpha in {1, 16}
+  for (f), and small validation and test sets (64 sequences each) where only training matters;
+- the target comparison (d) runs every set at the learning rate the notebook picked for it on
+  validation data (1e-2 for every set) instead of over the grid (3e-3, 1e-2) again.
+
+Two studies did not hold at any smaller size tried, so they run at the notebook's size:
+
+- the fit against rank (a-c): with 16 to 48 noisy sequences instead of 64, or 120 steps instead
+  of 200 (seven settings tried, 60 to 150 steps), rank 4 no longer over-trains in every one of
+  seeds 0-2, or after the last step no longer beats rank 8 in every one;
+- the target comparison (d): after 40 or 60 steps, or with 64 sequences instead of 256, {W_q, W_v}
+  is not yet ahead of every other set in seeds 0-2; at the notebook's 80 steps and 256 sequences
+  it is, in every triple of seeds 0-4.
+
+The fit against rank holds for the notebook's seeds 0-2, but not for every triple of seeds 0-4
+at any size tried, the notebook's included (rank 4's seed 3 is an outlier): its verdicts are
+about seeds 0-2, the seeds the notebook uses. Each test asserts a relation, not a printed
+number; runs at a large scaling are chaotic enough that float64 round-off changes their digits
+from one CPU to another, so the notebook's grids, and these tests, stay below them.
 """
 
 import pytest
@@ -14,6 +31,8 @@ from lora_helpers import protocol, studies
 
 #: The notebook's fine-tuning task: rename all 8 pairs, 20 % of the targets random, 64 sequences.
 NOISY_TASK = studies.Task(shift=1, pairs=(0, 1, 2, 3, 4, 5, 6, 7), noise=0.2)
+#: The learning rate notebook 06 picked for every target set from (3e-3, 1e-2).
+TARGETS_LR = 1e-2
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +46,15 @@ def noisy():
 
 
 @pytest.fixture(scope="module")
+def noisy_small():
+    """The notebook's 64 noisy training sequences, with 64 validation and 64 test sequences."""
+    return studies.make_splits(NOISY_TASK, 64, n_val=64, n_test=64)
+
+
+@pytest.fixture(scope="module")
 def fit(base, noisy):
-    """The notebook's fit against rank (ranks 2, 4, 8, alpha = 2r, 200 steps, lr 1e-2, seeds 0-2)."""
+    """The notebook's fit against rank as it is (ranks 2, 4, 8, alpha = 2r, 200 steps, lr 1e-2,
+    seeds 0-2): its claims did not hold at a smaller size (module docstring)."""
     return studies.fit_by_rank(base, noisy, ranks=[2, 4, 8], scaling=2.0, steps=200)
 
 
@@ -38,11 +64,28 @@ def at_rank(fit: studies.RankFit, rank: int, which: str = "heldout_loss") -> pro
 
 @pytest.fixture(scope="module")
 def targets(base):
-    """The notebook's target comparison as it is: SHIFT_RENAME_TASK, 256 sequences, budget 768,
-    every target set, lrs 3e-3 and 1e-2, 80 steps, seeds 0-2."""
+    """The notebook's target comparison (SHIFT_RENAME_TASK, 256 sequences, budget 768, every
+    target set, 80 steps, seeds 0-2), each set at the learning rate the notebook picked for it
+    (1e-2) instead of over the grid again: the test accuracy of each set, over seeds."""
     data = studies.make_splits(studies.SHIFT_RENAME_TASK, 256)
-    results = studies.compare_targets(base, data, 768, lrs=(3e-3, 1e-2), steps=80)
-    return {t.name: t for t in results}
+    return {
+        name: protocol.spread(
+            [
+                studies.lora_run(
+                    base,
+                    data,
+                    rank,
+                    2 * rank,
+                    targets=studies.TARGET_SETS[name],
+                    steps=80,
+                    lr=TARGETS_LR,
+                    seed=seed,
+                ).heldout_accuracy
+                for seed in protocol.SEEDS
+            ]
+        )
+        for name, rank in studies.budget_ranks(768).items()
+    }
 
 
 # --- under- and over-fitting against rank ---------------------------------------------------
@@ -86,53 +129,53 @@ def test_with_early_stopping_ranks_4_and_8_are_within_the_spread(fit):
 
 def test_q_and_v_together_get_furthest_in_every_seed(targets):
     """(d) "W_q and W_v together at rank 6 get furthest: a higher test accuracy than every other
-    set, in every seed" (all four matrices and attention + MLP included)."""
-    accuracy = {name: t.spread("heldout_accuracy") for name, t in targets.items()}
-    for other, spread in accuracy.items():
+    set, in every seed" (all four matrices and attention + MLP included). Over every triple of
+    seeds 0-4, {W_q, W_v}'s lowest is at least 4.9 points above the best other set's highest."""
+    for other, spread in targets.items():
         if other != "Q+V":
-            assert protocol.clearly_lower(spread, accuracy["Q+V"]), (other, spread, accuracy["Q+V"])
+            assert protocol.clearly_lower(spread, targets["Q+V"]), (other, spread, targets["Q+V"])
 
 
 def test_single_matrices_stay_far_from_solving_the_task(targets, base):
     """(d') "One matrix is not enough, however high its rank, and neither is {W_q, W_k}: they
     reach a quarter to a third of the positions (W_q, W_k, {W_q, W_k}) or about as many as the
     pretrained model (W_v, W_o)"."""
-    accuracy = {name: t.spread("heldout_accuracy") for name, t in targets.items()}
     for name in ("Q", "K", "Q+K"):
-        assert 0.2 < accuracy[name].low <= accuracy[name].high < 0.45, (name, accuracy[name])
+        assert 0.2 < targets[name].low <= targets[name].high < 0.45, (name, targets[name])
     pretrained = studies.loss_and_accuracy(
         base, studies.make_splits(studies.SHIFT_RENAME_TASK, 1).test
     )[1]
     for name in ("V", "O"):
-        assert accuracy[name].high < pretrained + 0.02, (name, accuracy[name], pretrained)
+        assert targets[name].high < pretrained + 0.02, (name, targets[name], pretrained)
 
 
 # --- alpha and its scaling rule -------------------------------------------------------------
 
 
 @pytest.mark.parametrize("alpha", [1, 4, 16])
-def test_the_scaling_rule_only_relabels_alpha(base, noisy, alpha):
+def test_the_scaling_rule_only_relabels_alpha(base, noisy_small, alpha):
     """(e) "At rank 16, α under α/√r is the same run as 4α under α/r". Two independent runs
-    (not the sweep, which shares them), shrunk to 30 steps; they match bit for bit."""
-    sqrt = studies.lora_run(base, noisy, 16, alpha, rule="alpha/sqrt(r)", steps=30, seed=1)
-    by_r = studies.lora_run(base, noisy, 16, 4 * alpha, rule="alpha/r", steps=30, seed=1)
+    (not the sweep, which shares them), shrunk to 10 steps; they match bit for bit."""
+    sqrt = studies.lora_run(base, noisy_small, 16, alpha, rule="alpha/sqrt(r)", steps=10, seed=1)
+    by_r = studies.lora_run(base, noisy_small, 16, 4 * alpha, rule="alpha/r", steps=10, seed=1)
     assert sqrt.curves.train == by_r.curves.train
     assert sqrt.curves.val == by_r.curves.val
     assert (sqrt.heldout_loss, sqrt.train_loss) == (by_r.heldout_loss, by_r.train_loss)
     # and it is a real identity: the same alpha under the other rule is a different run
-    other = studies.lora_run(base, noisy, 16, alpha, rule="alpha/r", steps=30, seed=1)
+    other = studies.lora_run(base, noisy_small, 16, alpha, rule="alpha/r", steps=10, seed=1)
     assert other.curves.train != sqrt.curves.train
 
 
-def test_alpha_works_like_a_step_size(base, noisy):
+def test_alpha_works_like_a_step_size(base, noisy_small):
     """(f) "At a fixed learning rate and step count, a small α leaves the training loss high":
     with the smallest α of the notebook's grid (1) the training loss is higher than with the
     largest (16) in every seed, at ranks 4 and 16 (rule α/r, lr 1e-2).
-    Shrunk: 40 steps instead of 100, α in {1, 16} instead of {1, 4, 16}, one rule."""
+    Shrunk: 10 steps instead of 100, α in {1, 16} instead of {1, 4, 16}, one rule. Over seeds
+    0-4, α = 1 leaves 9.46-9.52, α = 16 gets to 4.48-4.95."""
     (sweep,) = studies.sweep_rank_alpha(
-        base, noisy, ranks=[4, 16], alphas=[1, 16], rules=["alpha/r"], steps=40, lr=1e-2
+        base, noisy_small, ranks=[4, 16], alphas=[1, 16], rules=["alpha/r"], steps=10, lr=1e-2
     )
     for i, rank in enumerate(sweep.ranks):
         small = protocol.spread(sweep.train_loss[:, i, 0].tolist())
-        mid = protocol.spread(sweep.train_loss[:, i, 1].tolist())
-        assert protocol.clearly_lower(mid, small), (rank, mid, small)
+        large = protocol.spread(sweep.train_loss[:, i, 1].tolist())
+        assert protocol.clearly_lower(large, small), (rank, large, small)
