@@ -130,6 +130,7 @@ def test_baselines_fit_on_train_and_score_every_split():
 
 # ------------------------------------------------- what notebook 05 concludes, at tiny size
 
+
 @pytest.fixture(scope="module")
 def quick_splits(sms_rows) -> Splits:
     """The rows notebook 05 uses in quick mode."""

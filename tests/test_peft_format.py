@@ -675,7 +675,9 @@ def test_gpt2_state_dict_reverses_load_gpt2_safetensors(bases, tmp_path):
     save_file(state, str(tmp_path / "again.safetensors"))
     again = GPTModel(CFG).eval()
     load_gpt2_safetensors(again, tmp_path / "again.safetensors")
-    assert all(torch.equal(a, b) for a, b in zip(again.parameters(), ours.parameters(), strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(again.parameters(), ours.parameters(), strict=True)
+    )
 
 
 @pytest.mark.parametrize("qkv_bias", [True, False])
