@@ -30,6 +30,7 @@ SLOWEST_FIRST = [
     "notebooks/solutions/07_solutions.ipynb",
     "notebooks/03_attention_with_lora.ipynb",
     "notebooks/solutions/08_solutions.ipynb",
+    "notebooks/09_speed_and_memory.ipynb",
     "tests/test_claims_02_03.py",
 ]
 
