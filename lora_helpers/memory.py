@@ -118,6 +118,20 @@ def _check(size: str | None, mode: str, precision: str) -> None:
         raise ValueError("QLoRA computes in bf16 on its 4-bit base: use precision='bf16'.")
 
 
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive whole number, got {value!r}; e.g. {name}=8.")
+    return value
+
+
+def _a_model(model: object) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            f"Expected a model, got {model!r}; build one with memory.build(size, mode, precision)."
+        )
+    return model
+
+
 def per_number(mode: str, precision: str, kind: str) -> PerNumber:
     """Bytes one number costs in `mode` and `precision` (the table in the module).
 
@@ -175,8 +189,24 @@ def model_states(model: nn.Module, mode: str, precision: str) -> Memory:
     """Weights, master copy, gradients and AdamW states of `model` (from build), in bytes, by
     per_number for each parameter (shared ones once), plus its buffers as they are; the
     activations are 0. Under "qlora" the linear weights LoRA wraps count as NF4.
-    Raises ValueError as per_number does.
+    Raises ValueError as per_number does, for something that is not a model, and when `mode`
+    or `precision` does not match the model (LoRA layers present or not, the base's dtype).
     """
+    _a_model(model)
+    _check(None, mode, precision)
+    has_lora = any(True for _ in lora_layers(model))
+    if has_lora != (mode != "full"):
+        raise ValueError(
+            f"mode={mode!r} does not match the model ({'with' if has_lora else 'without'} LoRA "
+            f"layers); build it with memory.build(size, {mode!r}, {precision!r})."
+        )
+    base = {p.dtype for p in model.parameters() if mode == "full" or not p.requires_grad}
+    if base - {DTYPES[precision]}:
+        raise ValueError(
+            f"precision={precision!r} does not match the model's base weights "
+            f"({sorted(str(d) for d in base)}); build it with memory.build(size, {mode!r}, "
+            f"{precision!r}) or pass the precision it was built in."
+        )
     quantized = {id(layer.linear.weight) for _, layer in lora_layers(model)}
     parts = [0.0, 0.0, 0.0, 0.0]
     for param in model.parameters():
@@ -252,10 +282,12 @@ def activation_bytes(
 
     On the meta device (see the module) attention is counted as a fused kernel keeps it, or,
     with fused_attention=False, as PyTorch's unfused path does; on a real device the real
-    kernels run. Raises ValueError if batch or tokens is below 1.
+    kernels run. Raises ValueError if `model` is not a model, or batch or tokens is not a
+    whole number of at least 1.
     """
-    if batch < 1 or tokens < 1:
-        raise ValueError(f"batch and tokens must be at least 1, got {batch} and {tokens}.")
+    _a_model(model)
+    _positive_int("batch", batch)
+    _positive_int("tokens", tokens)
     params = {_storage(p) for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -286,7 +318,17 @@ def breakdowns(
     of `tokens` tokens: {(size, mode, precision): {batch: Memory}}, model_states and
     activation_bytes of build(size, mode, precision, rank, alpha=rank). QLoRA's model is
     LoRA's, so their activations are measured once. Raises ValueError as build and
-    activation_bytes do."""
+    activation_bytes do, and for empty or malformed sizes, schemes or batches."""
+    if isinstance(sizes, str) or not sizes:
+        raise ValueError(f"sizes must be a non-empty list, got {sizes!r}; e.g. ['gpt2-small'].")
+    if not batches or isinstance(batches, int):
+        raise ValueError(f"batches must be a non-empty list, got {batches!r}; e.g. (1, 8).")
+    for b in batches:
+        _positive_int("batch", b)
+    if not schemes or any(not isinstance(x, tuple) or len(x) != 2 for x in schemes):
+        raise ValueError(
+            f"schemes must be (mode, precision) pairs, got {schemes!r}; e.g. [('full', 'bf16')]."
+        )
     results, models, measured = {}, {}, {}
     for size in sizes:
         for mode, precision in schemes:
@@ -326,9 +368,20 @@ def verdict(claimed_gb: float, memory: Memory, batch: int, tokens: int) -> str:
     `memory` at (batch, tokens), whose activations must be measured (above 0).
 
     "corrected" when the weights, or the model states (weights, master copy, gradients,
-    AdamW states), alone exceed the claim; otherwise "true only in a stated context": the
-    share of the measured activations that the claim leaves room for.
+    AdamW states), alone exceed the claim; "true" when the claim holds everything; otherwise
+    "true only in a stated context": the share of the measured activations that the claim
+    leaves room for. Raises ValueError for a claim that is not a positive number, a batch or
+    token count below 1, or a count without activations.
     """
+    if isinstance(claimed_gb, bool) or not isinstance(claimed_gb, (int, float)) or claimed_gb <= 0:
+        raise ValueError(f"claimed_gb must be a positive number of GB, got {claimed_gb!r}.")
+    _positive_int("batch", batch)
+    _positive_int("tokens", tokens)
+    if memory.activations <= 0:
+        raise ValueError(
+            "The count has no activations; measure them: breakdowns(...)[size, mode, precision]"
+            "[batch], or states._replace(activations=activation_bytes(model, batch, tokens))."
+        )
     claimed = claimed_gb * 1e9
     if memory.weights > claimed:
         return f"corrected: the weights alone are {memory.weights / 1e9:.1f} GB"
@@ -338,6 +391,11 @@ def verdict(claimed_gb: float, memory: Memory, batch: int, tokens: int) -> str:
             f"{memory.model_states / 1e9:.1f} GB"
         )
     room = claimed - memory.model_states
+    if room >= memory.activations:
+        return (
+            f"true: {claimed_gb:g} GB holds the weights, states and the activations of batch "
+            f"{batch} x {tokens} tokens ({memory.total / 1e9:.2f} GB in all)"
+        )
     return (
         f"true only in a stated context: {claimed_gb:g} GB leaves {room / 1e9:.1f} GB for "
         f"activations, {room / memory.activations:.2f} of what batch {batch} x {tokens} tokens "

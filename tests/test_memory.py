@@ -52,12 +52,53 @@ def test_qlora_stores_a_weight_in_4_127_bits():
         (lambda: memory.per_number("qlora", "float32", "frozen"), "use precision='bf16'"),
         (lambda: memory.per_number("lora", "bf16", "quantized"), "with mode='qlora'"),
         (lambda: memory.build("llama-2-13b", "full", "bf16"), "Unknown size 'llama-2-13b'"),
-        (lambda: memory.breakdowns(["gpt2-small"], [("full", "bf16")], [0]), "at least 1"),
+        (lambda: memory.breakdowns(["gpt2-small"], [("full", "bf16")], [0]), "positive whole"),
+        (lambda: memory.breakdowns("gpt2-small", [("full", "bf16")], [1]), r"\['gpt2-small'\]"),
+        (lambda: memory.breakdowns(["gpt2-small"], ("full", "bf16"), [1]), "pairs"),
+        (lambda: memory.breakdowns(["gpt2-small"], [("full", "bf16")], 8), r"\(1, 8\)"),
+        (lambda: memory.breakdowns(["gpt2-small"], [("full", "bf16")], ()), "non-empty"),
+        (lambda: memory.activation_bytes("gpt2-small", 1, 16), "memory.build"),
+        (lambda: memory.model_states("gpt2-small", "full", "bf16"), "memory.build"),
     ],
 )
 def test_unknown_settings_are_refused_naming_the_fix(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize("batch", ["8", 2.0, True, None, 0])
+def test_a_batch_that_is_not_a_positive_whole_number_is_refused(batch):
+    model = memory.build("gpt2-small", "full", "bf16")
+    with pytest.raises(ValueError, match="batch must be a positive whole number"):
+        memory.activation_bytes(model, batch, 16)
+
+
+@pytest.mark.parametrize(
+    ("built", "asked", "message"),
+    [
+        (("lora", "bf16"), ("lora", "float32"), "precision='float32' does not match"),
+        (("lora", "bf16"), ("full", "bf16"), "mode='full' does not match"),
+        (("full", "bf16"), ("qlora", "bf16"), "mode='qlora' does not match"),
+        (("full", "bf16"), ("full", "float32"), "precision='float32' does not match"),
+    ],
+)
+def test_a_count_for_another_mode_or_precision_than_the_models_is_refused(built, asked, message):
+    model = memory.build("gpt2-small", *built)
+    with pytest.raises(ValueError, match=message):
+        memory.model_states(model, *asked)
+
+
+def test_verdicts_true_refused_without_activations_and_for_a_bad_claim():
+    model = memory.build("gpt2-small", "full", "bf16")
+    states = memory.model_states(model, "full", "bf16")
+    with pytest.raises(ValueError, match="no activations"):
+        memory.verdict(8, states, 1, 16)
+    for claim in (-1, 0, "8"):
+        with pytest.raises(ValueError, match="positive number of GB"):
+            memory.verdict(claim, states, 1, 16)
+    counted = states._replace(activations=memory.activation_bytes(model, 1, 16))
+    assert memory.verdict(3, counted, 1, 16).startswith("true: 3 GB holds")
+    assert memory.verdict(0.1, counted, 1, 16).startswith("corrected")
 
 
 # ------------------------------------------------------------------- the 7B shape
