@@ -68,7 +68,7 @@ from .lora import (
 )
 from .peft_format import transformers_config
 from .protocol import format_table
-from .train import autocast_dtype, checkpoint_size, device_slug, save_checkpoint
+from .train import autocast_dtype, checkpoint_size, device_slug, format_bytes, save_checkpoint
 
 SIZES = ("tiny", "gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl")
 MODES = ("lora", "full", "last-block", "peft-lora")
@@ -551,15 +551,6 @@ def ratios(result: dict) -> dict[str, float]:
     }
 
 
-def _bytes(n: float) -> str:
-    """Bytes in decimal units: "796.9 KB"."""
-    for unit in ("B", "KB", "MB"):
-        if n < 1000:
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1000
-    return f"{n:,.1f} GB"
-
-
 def summary(result: dict) -> str:
     """A text table of one result: per mode, step time, tokens/s, trainable parameters,
     peak memory (computed ones marked *), checkpoint; then inference and the ratios."""
@@ -569,8 +560,9 @@ def summary(result: dict) -> str:
             f"{1000 * r['step_seconds']:,.1f} ms",
             f"{r['tokens_per_second']:,.0f}",
             f"{r['trainable_params']:,}",
-            _bytes(r["peak_memory_bytes"]) + ("*" if "computed" in r["peak_memory_method"] else ""),
-            _bytes(r["checkpoint_bytes"]),
+            format_bytes(r["peak_memory_bytes"], gb_digits=1)
+            + ("*" if "computed" in r["peak_memory_method"] else ""),
+            format_bytes(r["checkpoint_bytes"], gb_digits=1),
         ]
         for mode, r in result["modes"].items()
     ]

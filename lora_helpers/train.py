@@ -688,13 +688,13 @@ def accuracy_table(
     return protocol.format_table(headers, rows)
 
 
-def _size(n: float) -> str:
-    """Bytes in decimal units: "796.9 KB"."""
+def format_bytes(n: float, gb_digits: int = 2) -> str:
+    """Bytes in decimal units: "796.9 KB"; gigabytes with `gb_digits` decimals."""
     for unit in ("B", "KB", "MB"):
         if n < 1000:
             return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
         n /= 1000
-    return f"{n:,.2f} GB"
+    return f"{n:,.{gb_digits}f} GB"
 
 
 def results_table(rows: list[dict], *, measured: bool = False, accuracy: bool = True) -> str:
@@ -721,7 +721,7 @@ def results_table(rows: list[dict], *, measured: bool = False, accuracy: bool = 
                 r["mode"],
                 f"{r['trainable_params']:,}",
                 f"{100 * r['trainable_params'] / r['total_params']:.2f} %",
-                _size(r["checkpoint_bytes"]),
+                format_bytes(r["checkpoint_bytes"]),
                 *(f"{100 * r['accuracy'][s]:.1f} %" if s in r["accuracy"] else "-" for s in splits),
             )
             for r in rows

@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_gpt import TINY
 from torch import nn
 
 from lora_helpers import peft_format
@@ -52,15 +53,7 @@ pytestmark = [
 
 VOCAB = 100
 PAD = VOCAB - 1  # stands for <|endoftext|> (data.PAD_ID), GPT-2's last token
-CFG = {
-    "vocab_size": VOCAB,
-    "context_length": 16,
-    "emb_dim": 32,
-    "n_heads": 2,
-    "n_layers": 2,
-    "drop_rate": 0.0,
-    "qkv_bias": True,
-}
+CFG = {**TINY, "vocab_size": VOCAB}
 TOL = 1e-4
 OURS = ("W_query", "W_key", "W_value", "out_proj", "layers.0", "layers.2")
 THEIRS = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj")
