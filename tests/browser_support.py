@@ -1,10 +1,11 @@
 """JupyterLab in headless Chromium, for tests/test_browser.py.
 
 `JupyterLab` starts a `jupyter lab` server on loopback and stops it; `open_browser`
-starts Debian's Chromium through Playwright (never a downloaded browser);
-`check_sliders` opens one notebook, runs all its cells, checks that every widget
-renders and that moving each slider changes the output below it. The committed
-notebook is never saved: autosave is off in the server's throwaway settings.
+starts Debian's Chromium through Playwright (never a downloaded browser); `open_lab`
+loads JupyterLab in a page once, and `check_sliders` opens one notebook there, runs its
+cells, checks that every widget renders and that moving each slider changes the output
+below it, then closes the notebook and its kernel. The committed notebook is never
+saved: autosave is off in the server's throwaway settings.
 """
 
 from __future__ import annotations
@@ -303,17 +304,35 @@ def _wait_for(page, js: str, arg: object, done, timeout: float, what: str) -> ob
         time.sleep(0.25)
 
 
-def _settled_output(page, index: int, timeout: float) -> dict:
-    """The cell's Output widgets once the kernel is idle and they stop changing for 1 s."""
+def _settled_output(page, index: int, timeout: float, quiet: float = 1.0) -> dict:
+    """The cell's Output widgets once the kernel is idle and they stop changing for `quiet` s."""
     deadline = time.monotonic() + timeout
     last, since = None, time.monotonic()
     while time.monotonic() < deadline:
         snap = page.evaluate(OUTPUT_SNAPSHOT_JS, index)
         if snap != last:
             last, since = snap, time.monotonic()
-        elif snap["status"] == "idle" and time.monotonic() - since >= 1.0:
+        elif snap["status"] == "idle" and time.monotonic() - since >= quiet:
             return snap
-        time.sleep(0.2)
+        time.sleep(0.1)
+    raise TimeoutError(f"cell {index}: output still changing after {timeout:.0f} s")
+
+
+def _output_after_move(page, index: int, before: dict, timeout: float) -> dict:
+    """The cell's Output widgets after a slider move: as soon as they differ from `before`,
+    once settled (0.5 s quiet); if they never change, once they stayed as they were, with
+    the kernel idle, for 1.5 s."""
+    deadline = time.monotonic() + timeout
+    since = time.monotonic()
+    while time.monotonic() < deadline:
+        snap = page.evaluate(OUTPUT_SNAPSHOT_JS, index)
+        if snap["content"] != before["content"]:
+            return _settled_output(page, index, max(deadline - time.monotonic(), 1.0), 0.5)
+        if snap["status"] != "idle":
+            since = time.monotonic()
+        elif time.monotonic() - since >= 1.5:
+            return snap
+        time.sleep(0.1)
     raise TimeoutError(f"cell {index}: output still changing after {timeout:.0f} s")
 
 
@@ -328,23 +347,33 @@ def _move_slider(page, handle) -> bool:
     return False
 
 
+def open_lab(context, server: JupyterLab, timeout: float = 60.0):
+    """A page of `context` with JupyterLab from `server` loaded, for check_sliders to reuse."""
+    page = context.new_page()
+    try:
+        page.goto(f"{server.url}/lab?reset&token={server.token}")
+        page.wait_for_function("window.jupyterapp !== undefined", timeout=timeout * 1000)
+    except BaseException:
+        page.close()
+        raise
+    return page
+
+
 def check_sliders(
-    context, server: JupyterLab, notebook: Path, shots: Path = SCREENSHOTS, timeout: float = 300.0
+    page, server: JupyterLab, notebook: Path, shots: Path = SCREENSHOTS, timeout: float = 300.0
 ) -> SliderReport:
-    """Run `notebook` in JupyterLab; check its widgets render and its sliders drive outputs.
+    """Run `notebook` in the JupyterLab of `page` (see open_lab); check its widgets render
+    and its sliders drive outputs. The notebook and its kernel are closed at the end.
 
     Runs the cells down to the last one with a widget: the cells below it hold no slider,
     and nbval runs them anyway.
     """
     rel = notebook.resolve().relative_to(server.root.resolve()).as_posix()
-    page = context.new_page()
     problems: list[str] = []
     widgets = moved = 0
     shots.mkdir(parents=True, exist_ok=True)
     shot = shots / f"{notebook.stem}.png"
     try:
-        page.goto(f"{server.url}/lab?reset&token={server.token}")
-        page.wait_for_function("window.jupyterapp !== undefined", timeout=60_000)
         upto = last_cell_to_run(notebook)
         page.evaluate(OPEN_AND_RUN_JS, [rel, upto])
         state = _wait_for(
@@ -377,7 +406,6 @@ def check_sliders(
         page.screenshot(path=str(shot))
         with contextlib.suppress(Exception):
             page.evaluate(CLOSE_JS)
-        page.close()
     return SliderReport(rel, widgets, moved, shot, problems)
 
 
@@ -427,22 +455,26 @@ def _check_cell_sliders(page, index: int, problems: list[str]) -> int:
     cell = page.locator(f'[data-lora-cell="{index}"]')
     handles = cell.locator(".widget-slider [role=slider]")
     moved = 0
+    before = None
     for k in range(handles.count()):
         handle = handles.nth(k)
         handle.scroll_into_view_if_needed()
-        before = _settled_output(page, index, 60)
+        if before is None:  # later sliders start from the output the previous move settled on
+            before = _settled_output(page, index, 60)
         if before["n"] == 0:
             problems.append(f"cell {index}: a slider has no output widget below it")
             return moved
         if not _move_slider(page, handle):
             problems.append(f"cell {index}: slider {k} did not move with the arrow keys")
+            before = None
             continue
-        after = _settled_output(page, index, 60)
+        after = _output_after_move(page, index, before, 60)
         if after["content"] == before["content"]:
             problems.append(f"cell {index}: moving slider {k} did not change the output below it")
         elif TRACEBACK in after["text"]:
             problems.append(f"cell {index}: moving slider {k} raised: {after['text'][-300:]!r}")
         moved += 1
+        before = after
     return moved
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lora_helpers import data
+from lora_helpers import data, studies
 from lora_helpers.assets import AssetError, find_asset
 from lora_helpers.gpt2 import TOKENIZER_FILES, get_tokenizer
 
@@ -21,6 +21,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def toy_base():
+    """studies.pretrained_model(), the frozen base of notebooks 06-08, trained once per test
+    process on one thread (3-4 s). Tests must not change it: the studies copy it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return studies.pretrained_model()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _or_skip(load, what: str, relpaths):

@@ -11,6 +11,8 @@ Skipped, saying why, only where Chromium or Playwright is missing.
 
 import hashlib
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ from browser_support import (
     check_sliders,
     find_chromium,
     open_browser,
+    open_lab,
     rise_slides,
     slider_notebooks,
 )
@@ -48,6 +51,14 @@ def lab():
         yield server
 
 
+@pytest.fixture(scope="module")
+def page(browser, lab):
+    """One page with JupyterLab loaded; each check opens its notebook there, then closes it."""
+    page = open_lab(browser, lab)
+    yield page
+    page.close()
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -57,9 +68,9 @@ def test_the_series_has_slider_notebooks():
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.relative_to(ROOT).as_posix())
-def test_widgets_render_and_sliders_update_their_output(browser, lab, notebook):
+def test_widgets_render_and_sliders_update_their_output(page, lab, notebook):
     before = sha256(notebook)
-    report = check_sliders(browser, lab, notebook)
+    report = check_sliders(page, lab, notebook)
     assert sha256(notebook) == before, f"{report.notebook} changed on disk during the test"
     assert not report.problems, (
         f"{report.notebook} (screenshot: {report.screenshot}):\n" + "\n".join(report.problems)
@@ -101,12 +112,21 @@ BROKEN_NOTEBOOK = {
 }
 
 
-def test_the_check_catches_a_dead_slider_and_a_widget_that_cannot_render(browser, tmp_path):
-    notebook = tmp_path / "notebooks" / "broken.ipynb"
-    notebook.parent.mkdir()
+@pytest.fixture
+def broken_notebook():
+    """BROKEN_NOTEBOOK written under build/ (git-ignored), where the shared server sees it."""
+    (ROOT / "build").mkdir(exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="broken-", dir=ROOT / "build"))
+    notebook = folder / "broken.ipynb"
     notebook.write_text(json.dumps(BROKEN_NOTEBOOK))
-    with JupyterLab(tmp_path) as server:
-        report = check_sliders(browser, server, notebook, shots=tmp_path)
+    yield notebook
+    shutil.rmtree(folder)
+
+
+def test_the_check_catches_a_dead_slider_and_a_widget_that_cannot_render(
+    page, lab, broken_notebook
+):
+    report = check_sliders(page, lab, broken_notebook, shots=broken_notebook.parent)
     problems = "\n".join(report.problems)
     assert report.sliders_moved == 2, problems
     assert "cell 1" not in problems, problems

@@ -36,8 +36,8 @@ TARGETS_LR = 1e-2
 
 
 @pytest.fixture(scope="module")
-def base(one_thread):
-    return studies.pretrained_model()
+def base(one_thread, toy_base):
+    return toy_base
 
 
 @pytest.fixture(scope="module")

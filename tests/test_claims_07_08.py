@@ -71,9 +71,9 @@ def neither_clearly_lower(a, b):
 
 
 @pytest.fixture(scope="module")
-def base(one_thread):
-    """The pretrained model of notebooks 06-08, built once for the module, on one thread."""
-    return studies.pretrained_model()
+def base(one_thread, toy_base):
+    """The pretrained model of notebooks 06-08 (conftest's toy_base), on one thread."""
+    return toy_base
 
 
 # --- notebook 07 ------------------------------------------------------------------------------

@@ -29,8 +29,8 @@ def close_figures():
 
 
 @pytest.fixture(scope="module")
-def base(one_thread):
-    return studies.pretrained_model()
+def base(one_thread, toy_base):
+    return toy_base
 
 
 @pytest.fixture(scope="module")
