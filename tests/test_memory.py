@@ -200,18 +200,26 @@ def test_the_meta_count_equals_a_real_cpu_forward(dtype, lora, drop_rate):
     assert counted - cpu == (layer_norms * 2 * batch * tokens * 2 if dtype == torch.bfloat16 else 0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_meta_count_equals_a_real_cpu_forward_of_a_small_llama(dtype):
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=172,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=100,
+def small_llama_config(
+    hidden: int, intermediate: int, layers: int, heads: int, vocab: int
+) -> transformers.LlamaConfig:
+    """A transformers Llama of this shape, set up as memory builds Llama-2-7B's (no KV cache,
+    SDPA attention)."""
+    return transformers.LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        vocab_size=vocab,
         use_cache=False,
         attn_implementation="sdpa",
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_meta_count_equals_a_real_cpu_forward_of_a_small_llama(dtype):
+    config = small_llama_config(hidden=64, intermediate=172, layers=2, heads=4, vocab=100)
     counts = []
     for device in ("cpu", "meta"):
         with torch.device(device):
@@ -230,15 +238,7 @@ def test_transformers_builds_no_mask_for_a_batch_without_padding(monkeypatch):
     monkeypatch.setattr(
         modeling_llama, "create_causal_mask", lambda **kw: masks.append(real(**kw)) or masks[-1]
     )
-    config = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        vocab_size=50,
-        use_cache=False,
-        attn_implementation="sdpa",
-    )
+    config = small_llama_config(hidden=32, intermediate=64, layers=1, heads=2, vocab=50)
     transformers.LlamaForCausalLM(config)(torch.zeros(2, 8, dtype=torch.long))
     assert masks == [None]
 
