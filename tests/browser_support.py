@@ -406,7 +406,22 @@ def check_sliders(
         page.screenshot(path=str(shot))
         with contextlib.suppress(Exception):
             page.evaluate(CLOSE_JS)
+        problems += _close_dialogs(page)  # the page is reused: leave nothing open for the next
     return SliderReport(rel, widgets, moved, shot, problems)
+
+
+def _close_dialogs(page) -> list[str]:
+    """Dismiss the dialogs JupyterLab left open (a dead kernel's "Kernel Restarting", say),
+    which would take the keyboard from the next notebook's sliders; one problem each."""
+    problems = []
+    dialogs = page.locator(".jp-Dialog")
+    for _ in range(5):
+        if not dialogs.count():
+            break
+        problems.append(f"a dialog was left open: {dialogs.first.inner_text()[:200]!r}")
+        page.keyboard.press("Escape")
+        page.wait_for_timeout(300)
+    return problems
 
 
 def _widgets_settled(state: dict) -> bool:
@@ -455,18 +470,15 @@ def _check_cell_sliders(page, index: int, problems: list[str]) -> int:
     cell = page.locator(f'[data-lora-cell="{index}"]')
     handles = cell.locator(".widget-slider [role=slider]")
     moved = 0
-    before = None
     for k in range(handles.count()):
         handle = handles.nth(k)
         handle.scroll_into_view_if_needed()
-        if before is None:  # later sliders start from the output the previous move settled on
-            before = _settled_output(page, index, 60)
+        before = _settled_output(page, index, 60)  # late output of the last move lands here
         if before["n"] == 0:
             problems.append(f"cell {index}: a slider has no output widget below it")
             return moved
         if not _move_slider(page, handle):
             problems.append(f"cell {index}: slider {k} did not move with the arrow keys")
-            before = None
             continue
         after = _output_after_move(page, index, before, 60)
         if after["content"] == before["content"]:
@@ -474,7 +486,6 @@ def _check_cell_sliders(page, index: int, problems: list[str]) -> int:
         elif TRACEBACK in after["text"]:
             problems.append(f"cell {index}: moving slider {k} raised: {after['text'][-300:]!r}")
         moved += 1
-        before = after
     return moved
 
 

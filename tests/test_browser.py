@@ -113,20 +113,24 @@ BROKEN_NOTEBOOK = {
 
 
 @pytest.fixture
-def broken_notebook():
-    """BROKEN_NOTEBOOK written under build/ (git-ignored), where the shared server sees it."""
+def scratch():
+    """A folder under build/ (git-ignored), where the shared server sees notebooks written."""
     (ROOT / "build").mkdir(exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix="broken-", dir=ROOT / "build"))
-    notebook = folder / "broken.ipynb"
-    notebook.write_text(json.dumps(BROKEN_NOTEBOOK))
-    yield notebook
+    folder = Path(tempfile.mkdtemp(prefix="browser-check-", dir=ROOT / "build"))
+    yield folder
     shutil.rmtree(folder)
 
 
-def test_the_check_catches_a_dead_slider_and_a_widget_that_cannot_render(
-    page, lab, broken_notebook
-):
-    report = check_sliders(page, lab, broken_notebook, shots=broken_notebook.parent)
+def write_notebook(path: Path, *sources: str) -> Path:
+    """A notebook of these code cells, with BROKEN_NOTEBOOK's metadata, at `path`."""
+    path.write_text(json.dumps({**BROKEN_NOTEBOOK, "cells": [code(s) for s in sources]}))
+    return path
+
+
+def test_the_check_catches_a_dead_slider_and_a_widget_that_cannot_render(page, lab, scratch):
+    notebook = scratch / "broken.ipynb"
+    notebook.write_text(json.dumps(BROKEN_NOTEBOOK))
+    report = check_sliders(page, lab, notebook, shots=scratch)
     problems = "\n".join(report.problems)
     assert report.sliders_moved == 2, problems
     assert "cell 1" not in problems, problems
@@ -134,6 +138,25 @@ def test_the_check_catches_a_dead_slider_and_a_widget_that_cannot_render(
     assert "cell 3 shows a widget error" in problems, problems
     assert "Failed to load model class 'NoSuchModel'" in problems, problems
     assert "cell 4" not in problems, problems  # below the last widget: left to nbval
+
+
+def test_a_kernel_that_dies_is_reported_and_the_next_notebook_still_checks(page, lab, scratch):
+    """The page is shared: a dead kernel's dialog must not take the next notebook's sliders."""
+    dies = write_notebook(
+        scratch / "dies.ipynb",
+        "import os\nfrom ipywidgets import IntSlider, interact",
+        "_ = interact(lambda r: os._exit(1) if r != 1 else print(r), r=IntSlider(1, 1, 5))",
+    )
+    works = write_notebook(
+        scratch / "works.ipynb",
+        "from ipywidgets import interact",
+        "_ = interact(lambda r: print('r squared is', r * r), r=(1, 5))",
+    )
+    first = check_sliders(page, lab, dies, shots=scratch)
+    assert first.problems, "a kernel that died while a slider moved went unreported"
+    second = check_sliders(page, lab, works, shots=scratch)
+    assert not second.problems, second.problems
+    assert second.sliders_moved == 1
 
 
 def test_rise_presents_a_notebook_as_slides(browser, lab):
