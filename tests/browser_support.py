@@ -41,7 +41,7 @@ CHROMIUM_FLAGS = [
 ]
 TRACEBACK = "Traceback (most recent call last)"
 WIDGET_ERRORS = ("Error displaying widget", "Loading widget...", "Failed to load model class")
-SLIDER_SOURCE = re.compile(r"\bipywidgets\b|\binteract(ive)?\b")
+SLIDER_SOURCE = re.compile(r"\bipywidgets\b|\bwidgets\.\w|\binteract(ive|ive_output)?\b")
 # Throwaway JupyterLab settings: never write the notebook back; render every cell.
 LAB_SETTINGS = {
     "@jupyterlab/docmanager-extension/plugin.jupyterlab-settings": {"autosave": False},

@@ -21,6 +21,7 @@ from browser_support import (
     JupyterLab,
     check_sliders,
     find_chromium,
+    last_cell_to_run,
     open_browser,
     open_lab,
     rise_slides,
@@ -138,6 +139,17 @@ def test_the_check_catches_a_dead_slider_and_a_widget_that_cannot_render(page, l
     assert "cell 3 shows a widget error" in problems, problems
     assert "Failed to load model class 'NoSuchModel'" in problems, problems
     assert "cell 4" not in problems, problems  # below the last widget: left to nbval
+
+
+def test_widget_cells_are_found_however_ipywidgets_is_imported(tmp_path):
+    notebook = write_notebook(
+        tmp_path / "widgets.ipynb",
+        "import ipywidgets as widgets\nfrom ipywidgets import interactive_output",
+        "s = widgets.IntSlider()",
+        "display(interactive_output(lambda x: print(x), {'x': s}))",
+        "print('no widget here')",
+    )
+    assert last_cell_to_run(notebook) == 2
 
 
 def test_a_kernel_that_dies_is_reported_and_the_next_notebook_still_checks(page, lab, scratch):
