@@ -618,6 +618,24 @@ def to_classifier(model: GPTModel, n_classes: int) -> GPTModel:
     return model
 
 
+def set_dropout(model: nn.Module, p: float) -> nn.Module:
+    """Set the probability of every dropout in `model` to `p`, in place; returns `model`.
+
+    Covers each nn.Dropout and the attention weights' dropout (MultiHeadAttention.dropout).
+    GPT-2 was pretrained with 0.1, the GPT-2 configs' drop_rate; the reference fine-tunes
+    with 0.0 (Raschka, ch. 6 and appendix E, BASE_CONFIG). Raises ValueError, changing
+    nothing, unless 0 <= p < 1.
+    """
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+        raise ValueError(f"A dropout probability must be in [0, 1), got {p!r}.")
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = float(p)
+        elif isinstance(module, MultiHeadAttention):
+            module.dropout = float(p)
+    return model
+
+
 def classify_logits(
     model: GPTModel, idx: torch.Tensor, lengths: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -40,7 +40,7 @@ from . import protocol
 from .adapters import save_adapter
 from .assets import checkout, data_dir
 from .data import LABELS, Loaders, encode
-from .gpt2 import GPT2Source, classify_logits
+from .gpt2 import GPT2Source, classify_logits, set_dropout
 from .lora import (
     count_parameters,
     evaluating,
@@ -215,7 +215,7 @@ def train_classifier(
     eval_every: int = 50,
     eval_batches: int | None = 5,
     keep_best: bool = False,
-    grad_clip: float | None = 1.0,
+    grad_clip: float | None = None,
     seed: int = 123,
     progress: bool = True,
 ) -> History:
@@ -226,7 +226,8 @@ def train_classifier(
     evaluation and the loss and accuracy on `eval_batches` validation batches (None: all).
     keep_best=True (early stopping) ends with the weights of the evaluation with the lowest
     validation loss instead of the last ones. The model ends on `device`, each submodule in
-    the train/eval mode it had before.
+    the train/eval mode it had before. grad_clip: the largest gradient norm, clipped to
+    before each step (None: no clipping, as the reference).
     A NaN loss or running out of memory stops with a TrainingStopped that says what to change.
     """
     params = [p for p in model.parameters() if p.requires_grad]
@@ -357,6 +358,8 @@ class Recipe:
         default_factory=lambda: {"lora": 8e-4, "full": 5e-5, "last-block": 5e-5}
     )
     weight_decay: float = 0.1
+    drop_rate: float = 0.0  # dropout while fine-tuning: the reference's 0.0 (pretraining: 0.1)
+    grad_clip: float | None = None  # clip gradients to this norm; the reference does not clip
     rank: int = 16
     alpha: float = 16
     targets: tuple[str, ...] | None = None  # LoRA targets; None: every linear of the blocks
@@ -398,10 +401,15 @@ class Recipe:
             )
             runs = f"lr per mode picked on validation from ({grids}), seeds {seeds}"
         scored = "best validation step" if self.keep_best else "last step"
+        clip = (
+            "no gradient clipping"
+            if self.grad_clip is None
+            else f"gradients clipped to norm {self.grad_clip:g}"
+        )
         return (
             f"{self.epochs} epoch(s), batch {self.batch_size}, {rows}, padded to {tokens}; "
             f"LoRA r={self.rank}, alpha={self.alpha:g}{where}; AdamW lr ({lrs}), weight decay "
-            f"{self.weight_decay:g}; {runs}; scored at the {scored}"
+            f"{self.weight_decay:g}, dropout {self.drop_rate:g}, {clip}; {runs}; scored at the {scored}"
         )
 
 
@@ -545,6 +553,7 @@ def run_mode(
     model = setup_mode(
         copy.deepcopy(base), mode, rank=recipe.rank, alpha=recipe.alpha, targets=recipe.targets
     )
+    set_dropout(model, recipe.drop_rate)
     counts = count_parameters(model)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -560,6 +569,7 @@ def run_mode(
         eval_every=recipe.eval_every,
         eval_batches=recipe.eval_batches,
         keep_best=recipe.keep_best,
+        grad_clip=recipe.grad_clip,
         seed=seed,
         progress=progress,
     )

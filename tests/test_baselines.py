@@ -2,6 +2,9 @@
 regression), and what notebook 05 concludes from them, checked at tiny size."""
 
 import dataclasses
+import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +20,7 @@ from lora_helpers.gpt2 import (
 )
 
 CPU = torch.device("cpu")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class CharTokenizer:
@@ -174,13 +178,14 @@ def stand_in(quick_splits, fitted, gpt2_tokenizer, tmp_path_factory, one_thread)
     return errors, lora, loaders
 
 
-def test_lora_and_the_last_block_on_a_random_stand_in_land_within_the_length_rules_spread(
+def test_on_a_random_stand_in_the_last_block_is_within_the_length_rules_spread_and_loras(
     stand_in,
 ):
+    """Seeds 0-2 (test messages right of 300): last block 256-263, LoRA 257-263, rule 261."""
     errors, _, _ = stand_in
-    for mode in ("lora", "last-block"):
-        assert not protocol.clearly_lower(errors[mode], errors["length rule"]), errors
-        assert not protocol.clearly_lower(errors["length rule"], errors[mode]), errors
+    for a, b in (("last-block", "length rule"), ("lora", "last-block")):
+        assert not protocol.clearly_lower(errors[a], errors[b]), errors
+        assert not protocol.clearly_lower(errors[b], errors[a]), errors
 
 
 def test_lora_on_a_random_stand_in_labels_almost_like_the_length_rule(
@@ -193,7 +198,42 @@ def test_lora_on_a_random_stand_in_labels_almost_like_the_length_rule(
     assert (says == rule).double().mean() >= 0.9
 
 
-def test_full_fine_tuning_of_a_random_stand_in_has_the_best_mean_and_words_still_win(stand_in):
+def test_full_fine_tuning_of_a_random_stand_in_beats_lora_and_the_last_block_and_words_win(
+    stand_in,
+):
+    """Seeds 0-2: full 270-280 right of 300, LoRA and the last block at most 263, the bag of
+    words 282. (With seeds 3 and 4 full's lowest is 262: the notebook's verdict is about its
+    seeds 0-2.)"""
     errors, _, _ = stand_in
-    assert errors["full"].mean < min(errors["lora"].mean, errors["last-block"].mean), errors
+    for mode in ("lora", "last-block"):
+        assert protocol.clearly_lower(errors["full"], errors[mode]), errors
     assert protocol.clearly_lower(errors["bag of words"], errors["full"]), errors
+
+
+def test_notebook_05_prints_the_verdicts_its_prose_reads():
+    """LoRA above the length rule in every seed holds at the notebook's size only (at tiny
+    size LoRA's seeds straddle the rule), so this reads the notebook's own printout: nbval
+    checks on every run that a fresh run prints exactly that, with this CPU's kernels and
+    with others, and this test that the printout still says what the prose says."""
+    cells = json.loads((ROOT / "notebooks" / "05_finetune_gpt2.ipynb").read_text())["cells"]
+    printed = "".join(
+        "".join(out.get("text", ""))
+        for cell in cells
+        if cell["cell_type"] == "code"
+        for out in cell.get("outputs", [])
+    )
+    for verdict in (
+        "full has a higher test accuracy than lora in every seed",
+        "full has a higher test accuracy than last-block in every seed",
+        "lora and last-block are within the spread of each other",
+        "lora has a higher test accuracy than length rule in every seed",
+        "last-block and length rule are within the spread of each other",
+        "bag of words has a higher test accuracy than full in every seed",
+    ):
+        assert verdict in printed, verdict
+    # "only just": at the table's precision LoRA's lowest seed and the rule read the same
+    lora_row = re.search(r"^ +lora +\S+ +3 +\S+ +\S+ +(\d+) \((\d+)-", printed, re.M)
+    rule_row = re.search(r"^ +length rule +- +- +\S+ +([\d.]+)$", printed, re.M)
+    assert lora_row, printed
+    assert rule_row, printed
+    assert int(lora_row.group(2)) == round(float(rule_row.group(1)))

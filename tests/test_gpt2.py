@@ -390,3 +390,17 @@ def test_classifier_head_reads_the_last_or_last_real_token():
         classify_logits(model, ids, lengths=torch.tensor([0, 6]))
     with pytest.raises(ValueError, match="n_classes must be a positive integer"):
         to_classifier(model, 0)
+
+
+def test_set_dropout_reaches_every_dropout_and_refuses_a_bad_probability():
+    model = gpt2.GPTModel({**gpt2.FALLBACK_CONFIG, "emb_dim": 16, "n_heads": 2, "n_layers": 2})
+    assert gpt2.set_dropout(model, 0.0) is model
+    assert {m.p for m in model.modules() if isinstance(m, nn.Dropout)} == {0.0}
+    assert {b.att.dropout for b in model.trf_blocks} == {0.0}
+    model.train()
+    ids = torch.randint(0, 100, (2, 5))
+    assert torch.equal(model(ids), model(ids))  # nothing random left
+    for bad in (1.0, -0.1, True, "0.1"):
+        with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
+            gpt2.set_dropout(model, bad)
+        assert {b.att.dropout for b in model.trf_blocks} == {0.0}

@@ -499,3 +499,32 @@ def test_a_train_step_unscales_before_clipping_and_steps_through_the_scaler():
     for p, r in zip(params, reference.parameters(), strict=True):
         torch.testing.assert_close(p.grad, r.grad)  # unscaled before clipping and stepping
         torch.testing.assert_close(p.detach(), r.detach() - 0.1 * r.grad)
+
+
+def test_the_full_recipe_is_the_references_without_dropout_or_clipping():
+    """Raschka's ch. 6 and appendix E fine-tune with drop_rate 0.0 and no gradient clipping."""
+    full, quick = train.FULL_RECIPE, train.QUICK_RECIPE
+    assert (full.drop_rate, full.grad_clip) == (0.0, None)
+    assert (quick.drop_rate, quick.grad_clip) == (full.drop_rate, full.grad_clip)
+    assert "weight decay 0.1, dropout 0, no gradient clipping;" in full.describe()
+    clipped = dataclasses.replace(full, drop_rate=0.1, grad_clip=1.0)
+    assert "dropout 0.1, gradients clipped to norm 1;" in clipped.describe()
+
+
+def test_run_mode_fine_tunes_with_the_recipes_dropout_and_leaves_the_base_as_it_was(tmp_path):
+    torch.manual_seed(0)
+    base, loaders = to_classifier(GPTModel({**TINY, "drop_rate": 0.1}), 2), tiny_loaders()
+    recipe = train.Recipe(epochs=1, rank=2, alpha=2, eval_every=4, eval_batches=1)
+    result = train.run_mode(
+        base, "full", loaders, recipe, device=CPU, checkpoint_dir=tmp_path, source=SOURCE
+    )
+    probabilities = {m.p for m in result.model.modules() if isinstance(m, nn.Dropout)}
+    assert probabilities == {0.0}
+    assert {b.att.dropout for b in result.model.trf_blocks} == {0.0}
+    assert base.drop_emb.p == base.trf_blocks[0].att.dropout == 0.1  # run_mode trains a copy
+    bad = dataclasses.replace(recipe, drop_rate=1.0)
+    with pytest.raises(ValueError, match=r"dropout probability must be in \[0, 1\), got 1.0"):
+        train.run_mode(
+            base, "full", loaders, bad, device=CPU, checkpoint_dir=tmp_path, source=SOURCE
+        )
+    assert base.drop_emb.p == 0.1
