@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import os
 import re
 import shutil
@@ -30,7 +31,7 @@ from torch import nn
 from . import assets
 from .assets import AssetError
 from .attention import MultiHeadAttention
-from .lora import LinearWithLoRA, evaluating, is_adapter
+from .lora import LinearWithLoRA, LoRALayer, evaluating, is_adapter
 
 # ---------------------------------------------------------------------------- configs
 
@@ -619,20 +620,30 @@ def to_classifier(model: GPTModel, n_classes: int) -> GPTModel:
 
 
 def set_dropout(model: nn.Module, p: float) -> nn.Module:
-    """Set the probability of every dropout in `model` to `p`, in place; returns `model`.
+    """Set the model's dropout probability to `p`, in place; returns `model`.
 
-    Covers each nn.Dropout and the attention weights' dropout (MultiHeadAttention.dropout).
-    GPT-2 was pretrained with 0.1, the GPT-2 configs' drop_rate; the reference fine-tunes
-    with 0.0 (Raschka, ch. 6 and appendix E, BASE_CONFIG). Raises ValueError, changing
-    nothing, unless 0 <= p < 1.
+    Covers each nn.Dropout and the attention weights' dropout (MultiHeadAttention.dropout),
+    and a GPTModel's cfg["drop_rate"]; a LoRA layer's own dropout (replace_linear_with_lora's
+    `dropout`) is the adapter's setting and stays as it is. The GPT-2 configs set 0.1 (the
+    reference's chapter 4, transformers' GPT2Config); the reference fine-tunes with 0.0
+    (Raschka, ch. 6 and appendix E, BASE_CONFIG). Raises ValueError, changing nothing,
+    unless p is a number in [0, 1).
     """
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
-        raise ValueError(f"A dropout probability must be in [0, 1), got {p!r}.")
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p < 1:
+        raise ValueError(f"A dropout probability must be a number in [0, 1), got {p!r}.")
+    p = float(p) + 0.0  # a plain float, and -0.0 as 0.0
+    adapters = {
+        id(m) for layer in model.modules() if isinstance(layer, LoRALayer) for m in layer.modules()
+    }
     for module in model.modules():
+        if id(module) in adapters:
+            continue
         if isinstance(module, nn.Dropout):
-            module.p = float(p)
+            module.p = p
         elif isinstance(module, MultiHeadAttention):
-            module.dropout = float(p)
+            module.dropout = p
+    if isinstance(model, GPTModel):
+        model.cfg["drop_rate"] = p
     return model
 
 

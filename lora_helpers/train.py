@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import json
 import math
+import numbers
 import os
 import random
 import re
@@ -237,6 +238,7 @@ def train_classifier(
         )
     if epochs < 1 or len(train_loader) == 0:
         raise ValueError("Need epochs >= 1 and a non-empty training loader.")
+    _check_grad_clip(grad_clip)
     seed_everything(seed)
     if train_loader.generator is not None:  # the same batches in the same order on every run
         train_loader.generator.manual_seed(seed)
@@ -270,7 +272,7 @@ def train_classifier(
                     if not math.isfinite(loss):
                         raise TrainingStopped(
                             f"The loss became {loss} at step {step + 1}: lower the learning rate "
-                            f"(it is {lr:g}; try {lr / 10:g}) or keep gradient clipping on."
+                            f"(it is {lr:g}; try {lr / 10:g}) or clip gradients (grad_clip=1.0)."
                         )
                     step += 1
                     seen_loss, seen_correct, seen = (
@@ -338,6 +340,15 @@ def _train_step(
     return loss.item(), int((logits.argmax(-1) == labels).sum())
 
 
+def _check_grad_clip(grad_clip: float | None) -> None:
+    ok = isinstance(grad_clip, numbers.Real) and not isinstance(grad_clip, bool)
+    if grad_clip is not None and not (ok and 0 < grad_clip < math.inf):
+        raise ValueError(
+            f"grad_clip is the largest gradient norm, a finite number > 0, or None for no "
+            f"clipping; got {grad_clip!r}."
+        )
+
+
 def _out_of_memory(device: torch.device, loader: DataLoader) -> TrainingStopped:
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -358,7 +369,7 @@ class Recipe:
         default_factory=lambda: {"lora": 8e-4, "full": 5e-5, "last-block": 5e-5}
     )
     weight_decay: float = 0.1
-    drop_rate: float = 0.0  # dropout while fine-tuning: the reference's 0.0 (pretraining: 0.1)
+    drop_rate: float = 0.0  # dropout while fine-tuning: the reference's 0.0 (GPT-2 configs: 0.1)
     grad_clip: float | None = None  # clip gradients to this norm; the reference does not clip
     rank: int = 16
     alpha: float = 16
@@ -372,6 +383,12 @@ class Recipe:
     lr_grid: dict[str, tuple[float, ...]] | None = None  # tried per mode; None: `lr` only
     seeds: tuple[int, ...] = (123,)
     keep_best: bool = False  # score each run at its best validation step (early stopping)
+
+    def __post_init__(self) -> None:
+        _check_grad_clip(self.grad_clip)
+        p = self.drop_rate
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p < 1:
+            raise ValueError(f"drop_rate is a dropout probability, a number in [0, 1); got {p!r}.")
 
     def grid(self, mode: str) -> tuple[float, ...]:
         """The learning rates tune_mode tries for `mode`: lr_grid[mode], or just lr[mode]."""
@@ -409,7 +426,7 @@ class Recipe:
         return (
             f"{self.epochs} epoch(s), batch {self.batch_size}, {rows}, padded to {tokens}; "
             f"LoRA r={self.rank}, alpha={self.alpha:g}{where}; AdamW lr ({lrs}), weight decay "
-            f"{self.weight_decay:g}, dropout {self.drop_rate:g}, {clip}; {runs}; scored at the {scored}"
+            f"{self.weight_decay:g}, dropout {self.drop_rate + 0.0:g}, {clip}; {runs}; scored at the {scored}"
         )
 
 

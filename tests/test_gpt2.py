@@ -3,6 +3,7 @@
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tiktoken.load
 import tiktoken.registry
@@ -394,13 +395,20 @@ def test_classifier_head_reads_the_last_or_last_real_token():
 
 def test_set_dropout_reaches_every_dropout_and_refuses_a_bad_probability():
     model = gpt2.GPTModel({**gpt2.FALLBACK_CONFIG, "emb_dim": 16, "n_heads": 2, "n_layers": 2})
+    replace_linear_with_lora(model.trf_blocks, 2, 2, ["W_query"], dropout=0.05)
     assert gpt2.set_dropout(model, 0.0) is model
-    assert {m.p for m in model.modules() if isinstance(m, nn.Dropout)} == {0.0}
+    lora_dropouts = {id(b.att.W_query.lora.dropout) for b in model.trf_blocks}
+    others = [
+        m for m in model.modules() if isinstance(m, nn.Dropout) and id(m) not in lora_dropouts
+    ]
+    assert {m.p for m in others} == {0.0}
     assert {b.att.dropout for b in model.trf_blocks} == {0.0}
-    model.train()
-    ids = torch.randint(0, 100, (2, 5))
-    assert torch.equal(model(ids), model(ids))  # nothing random left
-    for bad in (1.0, -0.1, True, "0.1"):
-        with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
+    assert model.cfg["drop_rate"] == 0.0  # what to_transformers reads
+    # the adapter's own dropout is its setting, not the model's
+    assert {b.att.W_query.lora.dropout.p for b in model.trf_blocks} == {0.05}
+    for bad in (1.0, -0.1, float("nan"), True, "0.1", None):
+        with pytest.raises(ValueError, match=r"must be a number in \[0, 1\)"):
             gpt2.set_dropout(model, bad)
         assert {b.att.dropout for b in model.trf_blocks} == {0.0}
+    assert gpt2.set_dropout(model, np.float32(0.25)).cfg["drop_rate"] == 0.25
+    assert type(model.cfg["drop_rate"]) is float

@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import inspect
 import json
 from types import SimpleNamespace
 
@@ -522,9 +523,54 @@ def test_run_mode_fine_tunes_with_the_recipes_dropout_and_leaves_the_base_as_it_
     assert probabilities == {0.0}
     assert {b.att.dropout for b in result.model.trf_blocks} == {0.0}
     assert base.drop_emb.p == base.trf_blocks[0].att.dropout == 0.1  # run_mode trains a copy
-    bad = dataclasses.replace(recipe, drop_rate=1.0)
-    with pytest.raises(ValueError, match=r"dropout probability must be in \[0, 1\), got 1.0"):
-        train.run_mode(
-            base, "full", loaders, bad, device=CPU, checkpoint_dir=tmp_path, source=SOURCE
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"drop_rate": 1.0}, r"drop_rate is a dropout probability, a number in \[0, 1\); got 1.0"),
+        ({"drop_rate": -0.1}, r"got -0.1"),
+        ({"grad_clip": 0.0}, r"grad_clip is the largest gradient norm, a finite number > 0, or"),
+        ({"grad_clip": -1.0}, r"got -1.0"),
+        ({"grad_clip": float("inf")}, r"got inf"),
+    ],
+)
+def test_a_recipe_with_a_bad_dropout_or_clipping_is_refused_when_made(setting, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(train.QUICK_RECIPE, **setting)
+
+
+def test_train_classifier_refuses_a_clipping_norm_that_would_flip_gradients():
+    model, loaders = tiny_classifier(), tiny_loaders()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="a finite number > 0, or None for no clipping; got -1"):
+        train.train_classifier(
+            model, loaders.train, loaders.val, device=CPU, grad_clip=-1, progress=False
         )
-    assert base.drop_emb.p == 0.1
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("grad_clip", [None, 0.5])
+def test_run_mode_clips_gradients_only_as_the_recipe_says(monkeypatch, tmp_path, grad_clip):
+    """The reference does not clip (FULL_RECIPE.grad_clip is None), and neither does run_mode
+    then; with grad_clip set, every step clips to that norm."""
+    assert inspect.signature(train.train_classifier).parameters["grad_clip"].default is None
+    norms = []
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(
+        torch.nn.utils, "clip_grad_norm_", lambda p, n, **kw: norms.append(n) or clip(p, n, **kw)
+    )
+    recipe = train.Recipe(
+        epochs=1, rank=2, alpha=2, eval_every=4, eval_batches=1, grad_clip=grad_clip
+    )
+    result = train.run_mode(
+        tiny_classifier(),
+        "lora",
+        tiny_loaders(),
+        recipe,
+        device=CPU,
+        checkpoint_dir=tmp_path,
+        source=SOURCE,
+    )
+    steps = result.history.steps_done
+    assert norms == ([] if grad_clip is None else [grad_clip] * steps)
