@@ -340,9 +340,12 @@ def _train_step(
     return loss.item(), int((logits.argmax(-1) == labels).sum())
 
 
+def _positive_finite(x: object) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and 0 < x < math.inf
+
+
 def _check_grad_clip(grad_clip: float | None) -> None:
-    ok = isinstance(grad_clip, numbers.Real) and not isinstance(grad_clip, bool)
-    if grad_clip is not None and not (ok and 0 < grad_clip < math.inf):
+    if grad_clip is not None and not _positive_finite(grad_clip):
         raise ValueError(
             f"grad_clip is the largest gradient norm, a finite number > 0, or None for no "
             f"clipping; got {grad_clip!r}."
@@ -385,6 +388,23 @@ class Recipe:
     keep_best: bool = False  # score each run at its best validation step (early stopping)
 
     def __post_init__(self) -> None:
+        """Refuse settings that cannot train, each with one sentence naming it (ValueError)."""
+        for name in ("epochs", "batch_size", "eval_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        wd = self.weight_decay
+        if isinstance(wd, bool) or not isinstance(wd, numbers.Real) or not 0 <= wd < math.inf:
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {wd!r}.")
+        grids = {} if self.lr_grid is None else self.lr_grid
+        for mode, lrs in [*((m, (lr,)) for m, lr in self.lr.items()), *grids.items()]:
+            bad = [lr for lr in lrs if not _positive_finite(lr)]
+            if bad or not lrs:
+                raise ValueError(
+                    f"Learning rates must be finite numbers > 0; {mode!r} has {list(lrs)!r}."
+                )
+        if not self.seeds:
+            raise ValueError("seeds is empty; give at least one (three or more show the spread).")
         _check_grad_clip(self.grad_clip)
         p = self.drop_rate
         if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p < 1:

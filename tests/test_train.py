@@ -533,9 +533,17 @@ def test_run_mode_fine_tunes_with_the_recipes_dropout_and_leaves_the_base_as_it_
         ({"grad_clip": 0.0}, r"grad_clip is the largest gradient norm, a finite number > 0, or"),
         ({"grad_clip": -1.0}, r"got -1.0"),
         ({"grad_clip": float("inf")}, r"got inf"),
+        ({"epochs": 0}, r"epochs must be a positive integer, got 0"),
+        ({"batch_size": 2.5}, r"batch_size must be a positive integer, got 2.5"),
+        ({"eval_every": True}, r"eval_every must be a positive integer, got True"),
+        ({"weight_decay": float("nan")}, r"weight_decay must be a finite number >= 0, got nan"),
+        ({"lr": {"lora": 0.0}}, r"finite numbers > 0; 'lora' has \[0.0\]"),
+        ({"lr_grid": {"full": (1e-3, float("inf"))}}, r"'full' has \[0.001, inf\]"),
+        ({"lr_grid": {"full": ()}}, r"'full' has \[\]"),
+        ({"seeds": ()}, r"seeds is empty"),
     ],
 )
-def test_a_recipe_with_a_bad_dropout_or_clipping_is_refused_when_made(setting, message):
+def test_a_recipe_that_cannot_train_is_refused_when_made(setting, message):
     with pytest.raises(ValueError, match=message):
         dataclasses.replace(train.QUICK_RECIPE, **setting)
 
