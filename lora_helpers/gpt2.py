@@ -619,6 +619,13 @@ def to_classifier(model: GPTModel, n_classes: int) -> GPTModel:
     return model
 
 
+def dropout_probability(p: float, name: str = "A dropout probability") -> float:
+    """`p` as a plain float (-0.0 as 0.0); ValueError naming `name` unless a number in [0, 1)."""
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p < 1:
+        raise ValueError(f"{name} must be a number in [0, 1), got {p!r}.")
+    return float(p) + 0.0
+
+
 def set_dropout(model: nn.Module, p: float) -> nn.Module:
     """Set the model's dropout probability to `p`, in place; returns `model`.
 
@@ -629,9 +636,7 @@ def set_dropout(model: nn.Module, p: float) -> nn.Module:
     (Raschka, ch. 6 and appendix E, BASE_CONFIG). Raises ValueError, changing nothing,
     unless p is a number in [0, 1).
     """
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p < 1:
-        raise ValueError(f"A dropout probability must be a number in [0, 1), got {p!r}.")
-    p = float(p) + 0.0  # a plain float, and -0.0 as 0.0
+    p = dropout_probability(p)
     adapters = {
         id(m) for layer in model.modules() if isinstance(layer, LoRALayer) for m in layer.modules()
     }

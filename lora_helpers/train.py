@@ -41,7 +41,7 @@ from . import protocol
 from .adapters import save_adapter
 from .assets import checkout, data_dir
 from .data import LABELS, Loaders, encode
-from .gpt2 import GPT2Source, classify_logits, set_dropout
+from .gpt2 import GPT2Source, classify_logits, dropout_probability, set_dropout
 from .lora import (
     count_parameters,
     evaluating,
@@ -406,9 +406,7 @@ class Recipe:
         if not self.seeds:
             raise ValueError("seeds is empty; give at least one (three or more show the spread).")
         _check_grad_clip(self.grad_clip)
-        p = self.drop_rate
-        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p < 1:
-            raise ValueError(f"drop_rate is a dropout probability, a number in [0, 1); got {p!r}.")
+        dropout_probability(self.drop_rate, "drop_rate (a dropout probability)")
 
     def grid(self, mode: str) -> tuple[float, ...]:
         """The learning rates tune_mode tries for `mode`: lr_grid[mode], or just lr[mode]."""
@@ -446,7 +444,7 @@ class Recipe:
         return (
             f"{self.epochs} epoch(s), batch {self.batch_size}, {rows}, padded to {tokens}; "
             f"LoRA r={self.rank}, alpha={self.alpha:g}{where}; AdamW lr ({lrs}), weight decay "
-            f"{self.weight_decay:g}, dropout {self.drop_rate + 0.0:g}, {clip}; {runs}; scored at the {scored}"
+            f"{self.weight_decay:g}, dropout {dropout_probability(self.drop_rate):g}, {clip}; {runs}; scored at the {scored}"
         )
 
 

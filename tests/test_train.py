@@ -528,7 +528,10 @@ def test_run_mode_fine_tunes_with_the_recipes_dropout_and_leaves_the_base_as_it_
 @pytest.mark.parametrize(
     ("setting", "message"),
     [
-        ({"drop_rate": 1.0}, r"drop_rate is a dropout probability, a number in \[0, 1\); got 1.0"),
+        (
+            {"drop_rate": 1.0},
+            r"drop_rate \(a dropout probability\) must be a number in \[0, 1\), got 1.0",
+        ),
         ({"drop_rate": -0.1}, r"got -0.1"),
         ({"grad_clip": 0.0}, r"grad_clip is the largest gradient norm, a finite number > 0, or"),
         ({"grad_clip": -1.0}, r"got -1.0"),
@@ -581,4 +584,5 @@ def test_run_mode_clips_gradients_only_as_the_recipe_says(monkeypatch, tmp_path,
         source=SOURCE,
     )
     steps = result.history.steps_done
+    assert steps > 0
     assert norms == ([] if grad_clip is None else [grad_clip] * steps)
