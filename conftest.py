@@ -18,6 +18,8 @@ if SHARED_ASSETS.is_dir():
 
 # The slowest files first (measured on 2 cores): each xdist worker takes the next file when it
 # is free, so starting with the long ones lets both workers finish at about the same time.
+# run.py passes --no-loadscope-reorder, without which xdist (3.5 and later) sends the files out
+# by their number of tests instead and this order is lost.
 SLOWEST_FIRST = [
     "tests/test_browser.py",
     "notebooks/05_finetune_gpt2.ipynb",

@@ -62,8 +62,10 @@ def lab_command(python: Path, rest: list[str]) -> list[str | Path]:
     return [*args, *rest]
 
 
-# Two pytest workers, each notebook whole on one of them (its cells share one kernel).
-PARALLEL = ["-n", "2", "--dist", "loadfile"]
+# Two pytest workers, each notebook whole on one of them (its cells share one kernel). Files
+# go out in collection order, the slowest first (conftest.py), not in xdist's default order by
+# number of tests, which left a 50 s notebook for the end of the second pass.
+PARALLEL = ["-n", "2", "--dist", "loadfile", "--no-loadscope-reorder"]
 
 
 def other_kernels(python: Path) -> dict[str, str]:

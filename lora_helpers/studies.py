@@ -11,15 +11,22 @@ rank r costs 64 r parameters on any of them. One training run takes about a seco
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
+import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
+from .assets import data_dir
 from .attention import MultiHeadAttention
 from .lora import (
     LinearWithLoRA,
@@ -263,11 +270,75 @@ def train(
 
 
 def pretrained_model(seed: int = 0, steps: int = 300) -> TinyTransformer:
-    """A TinyTransformer in DTYPE trained on PRETRAIN_TASK (copy the previous token), frozen, in eval mode."""
+    """A TinyTransformer in DTYPE trained on PRETRAIN_TASK (copy the previous token), frozen, in eval mode.
+
+    Trained once (3-5 s on a CPU); the weights are then kept in data_dir()/tiny-pretrained/
+    and loaded, bit for bit what training gives, by the next notebook. The file's name holds
+    what those bits depend on: seed, steps, the code of this module and of attention.py, the
+    torch version and the CPU kernels in use (another CPU's kernels round differently). A
+    file whose checksum fails is trained again and replaced; a folder that cannot be written
+    only means training every time. The global random state ends the same either way.
+    """
     torch.manual_seed(seed)
-    model = TinyTransformer()
-    train(model, make_data(PRETRAIN_TASK, 4096, seed), steps=steps, lr=3e-3, seed=seed)
+    model = TinyTransformer()  # drawn even when loading: the random state must not depend on it
+    path = _pretrained_path(seed, steps)
+    state = _load_checked(path)
+    if state is None:
+        train(model, make_data(PRETRAIN_TASK, 4096, seed), steps=steps, lr=3e-3, seed=seed)
+        _save_checked(path, model.state_dict())
+    else:
+        model.load_state_dict(state)
     return model.requires_grad_(False).eval()
+
+
+def _pretrained_path(seed: int, steps: int) -> Path:
+    key = hashlib.sha256(f"{torch.__version__} {torch.backends.cpu.get_cpu_capability()}".encode())
+    for code in (Path(__file__), Path(__file__).with_name("attention.py")):
+        key.update(code.read_bytes())
+    name = f"seed{seed}-steps{steps}-{key.hexdigest()[:16]}.safetensors"
+    return data_dir() / "tiny-pretrained" / name
+
+
+def _digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of the tensors' names and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _load_checked(path: Path) -> dict[str, torch.Tensor] | None:
+    """The state kept at `path`, or None if there is none or its checksum fails (said)."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            expected = (f.metadata() or {}).get("sha256")
+            state = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as error:  # a truncated or foreign file: train again
+        print(f"{path}: unreadable ({error}); training the base again.")
+        return None
+    if expected != _digest(state):
+        print(f"{path}: checksum failed; training the base again.")
+        return None
+    return state
+
+
+def _save_checked(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """Write `state` to `path` atomically (a temporary file, then a rename), with its checksum."""
+    state = {name: t.detach().cpu().contiguous() for name, t in state.items()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
+        os.close(fd)
+        try:
+            save_file(state, tmp, metadata={"sha256": _digest(state)})
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    except OSError:
+        pass  # a read-only data folder: the next call trains again
 
 
 def module_names(keys: Sequence[str]) -> list[str]:

@@ -78,3 +78,18 @@ def test_the_slowest_first_list_names_files_that_exist():
     spec.loader.exec_module(root_conftest)
     missing = [name for name in root_conftest.SLOWEST_FIRST if not (ROOT / name).is_file()]
     assert not missing, f"conftest.SLOWEST_FIRST names files that are gone: {missing}"
+
+
+def test_files_go_to_the_workers_in_collection_order(tmp_path):
+    """run.PARALLEL keeps conftest's slowest-first order: xdist's default (3.5 and later) would
+    send a file with more tests first, here b before a."""
+    log = tmp_path / "order.txt"
+    (tmp_path / "test_a.py").write_text(f"def test_a():\n    open({str(log)!r}, 'a').write('a')\n")
+    (tmp_path / "test_b.py").write_text(
+        "import pytest\n\n\n@pytest.mark.parametrize('i', range(3))\n"
+        f"def test_b(i):\n    open({str(log)!r}, 'a').write('b')\n"
+    )
+    one_worker = [*run.PARALLEL, "-n", "1"]  # the last -n wins: one worker, a strict order
+    command = [sys.executable, "-m", "pytest", "-q", *one_worker, "test_a.py", "test_b.py"]
+    subprocess.run(command, cwd=tmp_path, check=True, capture_output=True, timeout=120)
+    assert log.read_text() == "abbb"

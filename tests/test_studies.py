@@ -162,6 +162,71 @@ def test_pretrained_model_solves_its_task_and_is_frozen(base):
     assert all(p.dtype == studies.DTYPE for p in base.parameters())
 
 
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture
+def data_folder(tmp_path, monkeypatch):
+    """An empty data folder of its own (LORA_DATA_DIR), for the pretrained base's file."""
+    monkeypatch.setenv("LORA_DATA_DIR", str(tmp_path))
+    return tmp_path
+
+
+def test_the_pretrained_base_is_kept_and_loaded_bit_for_bit(data_folder, monkeypatch, one_thread):
+    trained = _weights(studies.pretrained_model(seed=3, steps=20))
+    after_training = torch.get_rng_state()
+    (kept,) = (data_folder / "tiny-pretrained").iterdir()
+    assert kept.name.startswith("seed3-steps20-")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again although the kept file is good")
+
+    monkeypatch.setattr(studies, "train", no_training)
+    torch.manual_seed(123)  # loading must leave the same random state as training did
+    loaded = studies.pretrained_model(seed=3, steps=20)
+    assert _same(_weights(loaded), trained)
+    assert torch.equal(torch.get_rng_state(), after_training)
+    assert not any(p.requires_grad for p in loaded.parameters())
+    assert not loaded.training
+
+
+def test_a_damaged_pretrained_file_is_trained_again_and_replaced(data_folder, capsys, one_thread):
+    trained = _weights(studies.pretrained_model(seed=3, steps=20))
+    (kept,) = (data_folder / "tiny-pretrained").iterdir()
+    raw = bytearray(kept.read_bytes())
+    raw[-5] ^= 0xFF  # one byte of the tensor data (the file ends with it)
+    kept.write_bytes(bytes(raw))
+    again = studies.pretrained_model(seed=3, steps=20)
+    assert "checksum failed; training the base again" in capsys.readouterr().out
+    assert _same(_weights(again), trained)
+    assert [p.name for p in (data_folder / "tiny-pretrained").iterdir()] == [kept.name]
+    assert _same(_weights(studies.pretrained_model(seed=3, steps=20)), trained)
+    assert capsys.readouterr().out == ""  # the replaced file checks out
+
+    kept.write_bytes(b"not a safetensors file")
+    assert _same(_weights(studies.pretrained_model(seed=3, steps=20)), trained)
+    assert "unreadable" in capsys.readouterr().out
+
+
+def test_other_settings_get_their_own_file_and_a_read_only_folder_still_works(
+    data_folder, monkeypatch, one_thread
+):
+    studies.pretrained_model(seed=3, steps=20)
+    studies.pretrained_model(seed=3, steps=21)
+    studies.pretrained_model(seed=4, steps=20)
+    assert len(list((data_folder / "tiny-pretrained").iterdir())) == 3
+    blocked = data_folder / "a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("LORA_DATA_DIR", str(blocked))  # mkdir under a file fails
+    model = studies.pretrained_model(seed=3, steps=20)
+    assert isinstance(model, studies.TinyTransformer)
+
+
 def test_module_names_and_unknown_names():
     assert studies.module_names(["Q", "MLP2"]) == ["att.W_query", "mlp.fc2"]
     with pytest.raises(ValueError, match=r"Unknown layer name\(s\) \['W'\]"):
