@@ -10,11 +10,12 @@ rank r costs 64 r parameters on any of them. One training run takes about a seco
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import math
 import os
-import tempfile
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -272,19 +273,26 @@ def train(
 def pretrained_model(seed: int = 0, steps: int = 300) -> TinyTransformer:
     """A TinyTransformer in DTYPE trained on PRETRAIN_TASK (copy the previous token), frozen, in eval mode.
 
-    Trained once (3-5 s on a CPU); the weights are then kept in data_dir()/tiny-pretrained/
-    and loaded, bit for bit what training gives, by the next notebook. The file's name holds
-    what those bits depend on: seed, steps, the code of this module and of attention.py, the
-    torch version and the CPU kernels in use (another CPU's kernels round differently). A
-    file whose checksum fails is trained again and replaced; a folder that cannot be written
-    only means training every time. The global random state ends the same either way.
+    Trained once, on one thread (3-5 s on a CPU); the weights are then kept in
+    data_dir()/tiny-pretrained/ and loaded, bit for bit what training gives, by the next
+    notebook. The file's name holds what those bits depend on: seed, steps, the code of this
+    module and of attention.py, the torch version and the CPU kernels in use (another CPU's
+    kernels round differently). A file that cannot be read, fails its checksum or holds other
+    tensors is trained again and replaced; where none can be written, every call trains (both
+    said). The global random state ends the same either way.
     """
     torch.manual_seed(seed)
     model = TinyTransformer()  # drawn even when loading: the random state must not depend on it
     path = _pretrained_path(seed, steps)
-    state = _load_checked(path)
+    state = _load_checked(path, model.state_dict())
     if state is None:
-        train(model, make_data(PRETRAIN_TASK, 4096, seed), steps=steps, lr=3e-3, seed=seed)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the bits differ with the thread count; one is fastest here
+        try:
+            train(model, make_data(PRETRAIN_TASK, 4096, seed), steps=steps, lr=3e-3, seed=seed)
+        finally:
+            torch.set_num_threads(threads)
+        model.zero_grad(set_to_none=True)  # as a loaded model: no gradients left over
         _save_checked(path, model.state_dict())
     else:
         model.load_state_dict(state)
@@ -308,37 +316,49 @@ def _digest(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _load_checked(path: Path) -> dict[str, torch.Tensor] | None:
-    """The state kept at `path`, or None if there is none or its checksum fails (said)."""
-    if not path.is_file():
-        return None
+_FIX = "free space, fix its permissions or set LORA_DATA_DIR to a writable folder"
+
+
+def _load_checked(path: Path, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The state kept at `path`, or None (said why) if there is none, it cannot be read, its
+    checksum fails, or its tensors' names, shapes or dtypes are not those of `like`."""
     try:
+        if not path.is_file():
+            return None
         with safe_open(str(path), framework="pt") as f:
             expected = (f.metadata() or {}).get("sha256")
             state = {name: f.get_tensor(name) for name in f.keys()}
-    except Exception as error:  # a truncated or foreign file: train again
+    except PermissionError as error:
+        print(f"Cannot read {path} ({error}); training the base instead. To keep it: {_FIX}.")
+        return None
+    except Exception as error:  # safetensors' error for a truncated or foreign file
         print(f"{path}: unreadable ({error}); training the base again.")
         return None
     if expected != _digest(state):
         print(f"{path}: checksum failed; training the base again.")
         return None
+    if {k: (v.shape, v.dtype) for k, v in state.items()} != {
+        k: (v.shape, v.dtype) for k, v in like.items()
+    }:
+        print(f"{path}: holds other tensors than this model's; training the base again.")
+        return None
     return state
 
 
 def _save_checked(path: Path, state: dict[str, torch.Tensor]) -> None:
-    """Write `state` to `path` atomically (a temporary file, then a rename), with its checksum."""
+    """Write `state` to `path` atomically, with its checksum: to a file of this process's own
+    (made with the usual permissions), then renamed. A failure is said, not raised."""
     state = {name: t.detach().cpu().contiguous() for name, t in state.items()}
+    part = path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
-        os.close(fd)
-        try:
-            save_file(state, tmp, metadata={"sha256": _digest(state)})
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-    except OSError:
-        pass  # a read-only data folder: the next call trains again
+        save_file(state, str(part), metadata={"sha256": _digest(state)})
+        os.replace(part, path)
+    except Exception as error:  # OSError, or safetensors' error for a full disk
+        print(f"Could not keep the pretrained base in {path.parent} ({error}): {_FIX}.")
+    finally:
+        with contextlib.suppress(OSError):
+            part.unlink(missing_ok=True)
 
 
 def module_names(keys: Sequence[str]) -> list[str]:

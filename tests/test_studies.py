@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from lora_helpers import protocol, studies
@@ -212,9 +213,16 @@ def test_a_damaged_pretrained_file_is_trained_again_and_replaced(data_folder, ca
     assert _same(_weights(studies.pretrained_model(seed=3, steps=20)), trained)
     assert "unreadable" in capsys.readouterr().out
 
+    other = {
+        "head.weight": torch.zeros(2, 2, dtype=studies.DTYPE)
+    }  # a good checksum, wrong tensors
+    save_file(other, str(kept), metadata={"sha256": studies._digest(other)})
+    assert _same(_weights(studies.pretrained_model(seed=3, steps=20)), trained)
+    assert "holds other tensors than this model's" in capsys.readouterr().out
+
 
 def test_other_settings_get_their_own_file_and_a_read_only_folder_still_works(
-    data_folder, monkeypatch, one_thread
+    data_folder, monkeypatch, capsys, one_thread
 ):
     studies.pretrained_model(seed=3, steps=20)
     studies.pretrained_model(seed=3, steps=21)
@@ -225,6 +233,26 @@ def test_other_settings_get_their_own_file_and_a_read_only_folder_still_works(
     monkeypatch.setenv("LORA_DATA_DIR", str(blocked))  # mkdir under a file fails
     model = studies.pretrained_model(seed=3, steps=20)
     assert isinstance(model, studies.TinyTransformer)
+    said = capsys.readouterr().out
+    assert "Could not keep the pretrained base in" in said
+    assert "set LORA_DATA_DIR to a writable folder" in said
+    assert not list(data_folder.glob("**/*.part"))
+
+
+def test_the_pretrained_base_does_not_depend_on_the_thread_count(tmp_path, monkeypatch):
+    """Trained on one thread whatever the caller's count (which comes back), so a file kept by
+    a session on many threads holds the bits a one-thread run would give."""
+    bits = {}
+    for threads in (1, 2):
+        monkeypatch.setenv("LORA_DATA_DIR", str(tmp_path / str(threads)))
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            bits[threads] = _weights(studies.pretrained_model(seed=3, steps=60))
+            assert torch.get_num_threads() == threads
+        finally:
+            torch.set_num_threads(before)
+    assert _same(bits[1], bits[2])
 
 
 def test_module_names_and_unknown_names():
