@@ -17,7 +17,8 @@ if SHARED_ASSETS.is_dir():
     os.environ["LORA_ASSETS_PATH"] = os.pathsep.join([*paths, str(SHARED_ASSETS)])
 
 # The slowest files first (measured on 2 cores): each xdist worker takes the next file when it
-# is free, so starting with the long ones lets both workers finish at about the same time.
+# has at most two tests of its own left, so starting with the long ones lets both workers
+# finish at about the same time.
 # run.py passes --no-loadscope-reorder, without which xdist (3.5 and later) sends the files out
 # by their number of tests instead and this order is lost.
 SLOWEST_FIRST = [
