@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from .gpt2 import GPT2Source, to_classifier
@@ -274,7 +274,7 @@ def save_adapter(model: nn.Module, directory: str | Path, source: GPT2Source) ->
     }
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _write_atomically(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p)))
+    _write_atomically(directory / WEIGHTS_FILE, lambda p: p.write_bytes(save(tensors)))
     _write_atomically(
         directory / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2) + "\n")
     )

@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from .gpt2 import GPTModel, gpt2_state_dict, to_classifier
@@ -313,7 +313,7 @@ def export_peft_adapter(model: nn.Module, directory: str | Path) -> Path:
         raise ValueError(f"{directory} is a file; give export_peft_adapter a folder to write into.")
     directory.mkdir(parents=True, exist_ok=True)
     writes = {
-        PEFT_WEIGHTS_FILE: lambda path: save_file(tensors, str(path)),
+        PEFT_WEIGHTS_FILE: lambda path: path.write_bytes(save(tensors)),
         PEFT_CONFIG_FILE: lambda path: path.write_text(json.dumps(config, indent=2) + "\n"),
     }
     for name, write in writes.items():  # each file whole or not at all (CONTRIBUTING)

@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from .assets import data_dir
@@ -352,7 +352,7 @@ def _save_checked(path: Path, state: dict[str, torch.Tensor]) -> None:
     part = path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(state, str(part), metadata={"sha256": _digest(state)})
+        part.write_bytes(save(state, metadata={"sha256": _digest(state)}))  # umask, not 0600
         os.replace(part, path)
     except Exception as error:  # OSError, or safetensors' error for a full disk
         print(f"Could not keep the pretrained base in {path.parent} ({error}): {_FIX}.")

@@ -32,7 +32,7 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -552,7 +552,7 @@ def save_checkpoint(model: nn.Module, mode: str, directory: Path, source: GPT2So
     state = {n: t.detach().cpu().contiguous() for n, t in model.state_dict().items() if n in keep}
     path = directory / f"{mode}.safetensors"
     part = path.with_name(path.name + ".part")
-    save_file(state, str(part))
+    part.write_bytes(save(state))  # save_file would make it readable by its owner only
     os.replace(part, path)
     return path
 

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -185,6 +186,10 @@ def test_adapter_round_trip_into_a_fresh_base(tmp_path):
     torch.testing.assert_close(logits(fresh), logits(model), rtol=0, atol=0)
     saved = load_file(str(folder / "adapter.safetensors"))
     assert set(saved) == set(lora_state_dict(model)) | {"out_head.weight", "out_head.bias"}
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():  # as any file the user writes (safetensors' save_file: 0600)
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path.name
 
 
 def test_the_adapter_file_holds_only_lora_and_head(tmp_path):

@@ -2,6 +2,7 @@
 
 import copy
 import math
+import os
 
 import matplotlib
 
@@ -183,6 +184,9 @@ def test_the_pretrained_base_is_kept_and_loaded_bit_for_bit(data_folder, monkeyp
     after_training = torch.get_rng_state()
     (kept,) = (data_folder / "tiny-pretrained").iterdir()
     assert kept.name.startswith("seed3-steps20-")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert kept.stat().st_mode & 0o777 == 0o666 & ~umask  # others may read it, as umask says
 
     def no_training(*args, **kwargs):
         raise AssertionError("trained again although the kept file is good")
