@@ -354,7 +354,7 @@ def _save_checked(path: Path, state: dict[str, torch.Tensor]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         part.write_bytes(save(state, metadata={"sha256": _digest(state)}))  # umask, not 0600
         os.replace(part, path)
-    except Exception as error:  # OSError, or safetensors' error for a full disk
+    except Exception as error:  # OSError (a full disk, a read-only folder) or a serializing error
         print(f"Could not keep the pretrained base in {path.parent} ({error}): {_FIX}.")
     finally:
         with contextlib.suppress(OSError):
