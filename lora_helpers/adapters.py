@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import statistics
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
+from .assets import write_atomically
 from .gpt2 import GPT2Source, to_classifier
 from .lora import (
     LinearWithLoRA,
@@ -230,12 +230,6 @@ def _head_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def _write_atomically(path: Path, write) -> None:
-    part = path.with_name(path.name + ".part")
-    write(part)
-    os.replace(part, path)
-
-
 def save_adapter(model: nn.Module, directory: str | Path, source: GPT2Source) -> Path:
     """Write the adapter of `model` (LoRA tensors + head) to `directory`; returns the folder.
 
@@ -274,10 +268,8 @@ def save_adapter(model: nn.Module, directory: str | Path, source: GPT2Source) ->
     }
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _write_atomically(directory / WEIGHTS_FILE, lambda p: p.write_bytes(save(tensors)))
-    _write_atomically(
-        directory / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2) + "\n")
-    )
+    write_atomically(directory / WEIGHTS_FILE, save(tensors))
+    write_atomically(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
     return directory
 
 

@@ -14,9 +14,11 @@ LORA_OFFLINE=1 forbids the network altogether.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
+import secrets
 import urllib.error
 import urllib.request
 import warnings
@@ -69,6 +71,26 @@ def find_asset(relpath: str) -> Path | None:
         if (folder / relpath).is_file():
             return folder / relpath
     return None
+
+
+def write_atomically(path: Path, data: bytes | str) -> Path:
+    """Write `data` (text as UTF-8) to `path` whole or not at all; returns `path`.
+
+    It goes to a temporary file of this process's own beside `path` (so two processes writing
+    the same file do not mix), which is then renamed over `path`; the file gets the user's
+    usual permissions (umask). Raises OSError as writing does, leaving no temporary file.
+    """
+    part = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.part")
+    try:
+        if isinstance(data, str):
+            part.write_text(data, encoding="utf-8")
+        else:
+            part.write_bytes(data)
+        os.replace(part, path)
+    finally:
+        with contextlib.suppress(OSError):
+            part.unlink(missing_ok=True)  # gone after the rename; left by a failed write
+    return path
 
 
 def sha256_of(path: Path) -> str:

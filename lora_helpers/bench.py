@@ -35,6 +35,7 @@ import argparse
 import contextlib
 import copy
 import importlib.util
+import io
 import json
 import math
 import multiprocessing
@@ -58,6 +59,7 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
 
+from .assets import write_atomically
 from .gpt2 import GPT2Source, GPTModel, gpt2_config
 from .lora import (
     LinearWithLoRA,
@@ -647,14 +649,11 @@ def write_results(result: dict, out: str | os.PathLike) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"bench-{result['device']}-{result['size']}"
     json_path, png_path = out / f"{stem}.json", out / f"{stem}.png"
-    part = json_path.with_name(json_path.name + ".part")
-    part.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(part, json_path)
-    figure = plot_bench(result)
-    part = png_path.with_name(png_path.name + ".part")
-    figure.savefig(part, format="png", dpi=110)
+    write_atomically(json_path, json.dumps(result, indent=2) + "\n")
+    figure, png = plot_bench(result), io.BytesIO()
+    figure.savefig(png, format="png", dpi=110)
     plt.close(figure)
-    os.replace(part, png_path)
+    write_atomically(png_path, png.getvalue())
     return json_path, png_path
 
 

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import warnings
 from collections import Counter
@@ -59,6 +58,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
+from .assets import write_atomically
 from .gpt2 import GPTModel, gpt2_state_dict, to_classifier
 from .lora import (
     LinearWithLoRA,
@@ -312,14 +312,8 @@ def export_peft_adapter(model: nn.Module, directory: str | Path) -> Path:
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"{directory} is a file; give export_peft_adapter a folder to write into.")
     directory.mkdir(parents=True, exist_ok=True)
-    writes = {
-        PEFT_WEIGHTS_FILE: lambda path: path.write_bytes(save(tensors)),
-        PEFT_CONFIG_FILE: lambda path: path.write_text(json.dumps(config, indent=2) + "\n"),
-    }
-    for name, write in writes.items():  # each file whole or not at all (CONTRIBUTING)
-        part = directory / f"{name}.part"
-        write(part)
-        os.replace(part, directory / name)
+    write_atomically(directory / PEFT_WEIGHTS_FILE, save(tensors))  # each file whole or not at all
+    write_atomically(directory / PEFT_CONFIG_FILE, json.dumps(config, indent=2) + "\n")
     return directory
 
 

@@ -10,12 +10,9 @@ rank r costs 64 r parameters on any of them. One training run takes about a seco
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import math
-import os
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 from torch import nn
 
-from .assets import data_dir
+from .assets import data_dir, write_atomically
 from .attention import MultiHeadAttention
 from .lora import (
     LinearWithLoRA,
@@ -346,19 +343,13 @@ def _load_checked(path: Path, like: dict[str, torch.Tensor]) -> dict[str, torch.
 
 
 def _save_checked(path: Path, state: dict[str, torch.Tensor]) -> None:
-    """Write `state` to `path` atomically, with its checksum: to a file of this process's own
-    (made with the usual permissions), then renamed. A failure is said, not raised."""
+    """Write `state` to `path` with its checksum, atomically; a failure is said, not raised."""
     state = {name: t.detach().cpu().contiguous() for name, t in state.items()}
-    part = path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        part.write_bytes(save(state, metadata={"sha256": _digest(state)}))  # umask, not 0600
-        os.replace(part, path)
-    except Exception as error:  # OSError (a full disk, a read-only folder) or a serializing error
+        write_atomically(path, save(state, metadata={"sha256": _digest(state)}))
+    except OSError as error:  # a full disk, a read-only folder
         print(f"Could not keep the pretrained base in {path.parent} ({error}): {_FIX}.")
-    finally:
-        with contextlib.suppress(OSError):
-            part.unlink(missing_ok=True)
 
 
 def module_names(keys: Sequence[str]) -> list[str]:

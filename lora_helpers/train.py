@@ -16,10 +16,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import io
 import json
 import math
 import numbers
-import os
 import random
 import re
 import time
@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from . import protocol
 from .adapters import save_adapter
-from .assets import checkout, data_dir
+from .assets import checkout, data_dir, write_atomically
 from .data import LABELS, Loaders, encode
 from .gpt2 import GPT2Source, classify_logits, dropout_probability, set_dropout
 from .lora import (
@@ -550,11 +550,7 @@ def save_checkpoint(model: nn.Module, mode: str, directory: Path, source: GPT2So
         return save_adapter(model, directory / "lora", source)
     keep = {n for n, p in model.named_parameters() if p.requires_grad or mode == "full"}
     state = {n: t.detach().cpu().contiguous() for n, t in model.state_dict().items() if n in keep}
-    path = directory / f"{mode}.safetensors"
-    part = path.with_name(path.name + ".part")
-    part.write_bytes(save(state))  # save_file would make it readable by its owner only
-    os.replace(part, path)
-    return path
+    return write_atomically(directory / f"{mode}.safetensors", save(state))
 
 
 def checkpoint_size(path: Path) -> int:
@@ -854,12 +850,10 @@ def save_results(
     directory.mkdir(parents=True, exist_ok=True)
     json_path, png_path = directory / f"{name}.json", directory / f"{name}.png"
     payload = {**extra, "runs": [r.row() for r in results]}
-    part = json_path.with_name(json_path.name + ".part")
-    part.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(part, json_path)
-    part = png_path.with_name(png_path.name + ".part")
-    figure.savefig(part, format="png", dpi=120)
-    os.replace(part, png_path)
+    write_atomically(json_path, json.dumps(payload, indent=2) + "\n")
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=120)
+    write_atomically(png_path, png.getvalue())
     return json_path, png_path
 
 

@@ -222,3 +222,21 @@ def test_the_checkout_is_found_from_the_working_directory_for_an_installed_packa
     assert data_dir() == ROOT / "data"
     monkeypatch.chdir(tmp_path)
     assert assets.checkout() is None
+
+
+def test_write_atomically_replaces_whole_or_leaves_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "kept.json"
+    assert assets.write_atomically(path, "old\n") == path
+    assets.write_atomically(path, b"new bytes")
+    assert path.read_bytes() == b"new bytes"
+
+    def full_disk(self, data):  # writes a piece of the temporary file, then fails
+        with open(self, "wb") as f:
+            f.write(data[:3])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        assets.write_atomically(path, b"would be cut short")
+    assert path.read_bytes() == b"new bytes"
+    assert [p.name for p in tmp_path.iterdir()] == ["kept.json"]  # no .part left behind
