@@ -172,6 +172,25 @@ def test_the_count_includes_the_float32_log_probabilities_of_the_loss():
     assert with_head - memory.activation_bytes(model, 1, 64) == 64 * (50257 - 10) * 4
 
 
+@pytest.mark.parametrize("size", ["gpt2-small", "llama-2-7b"])
+def test_breakdowns_from_one_and_two_blocks_equal_the_count_of_the_whole_model(size):
+    schemes = [("full", "float32"), ("lora", "bf16"), ("qlora", "bf16")]
+    extended = memory.breakdowns([size], schemes, [1, 3], 32)
+    for mode, precision in schemes:
+        model = memory.build(size, mode, precision)
+        assert len(memory.blocks(model)) == memory.depth(size)
+        states = memory.model_states(model, mode, precision)
+        for batch in (1, 3):
+            whole = states._replace(activations=memory.activation_bytes(model, batch, 32))
+            assert extended[size, mode, precision][batch] == whole
+
+
+def test_a_model_of_fewer_blocks_is_asked_for_with_a_whole_number():
+    assert len(memory.blocks(memory.build("gpt2-small", "lora", "bf16", n_blocks=2))) == 2
+    with pytest.raises(ValueError, match="n_blocks must be a positive whole number"):
+        memory.build("gpt2-small", "full", "bf16", n_blocks=0)
+
+
 # ---------------------------------------------- the meta-device count against real runs
 
 
