@@ -168,7 +168,8 @@ def _llama_7b(n_blocks: int) -> nn.Module:
 def depth(size: str) -> int:
     """The number of blocks of `size` (SIZES): 12 for gpt2-small, 32 for llama-2-7b.
     Raises ValueError for an unknown size."""
-    _check(size, "full", "float32")
+    if size not in SIZES:
+        raise ValueError(f"Unknown size {size!r}; use one of {list(SIZES)}.")
     if size == "llama-2-7b":
         return LLAMA_2_7B["num_hidden_layers"]
     return gpt2_config(size)["n_layers"]
@@ -194,12 +195,22 @@ def build(
     LinearWithLoRA of `rank` and `alpha` wraps every linear layer of the blocks (its adapters
     are float32 on a bf16 base, lora.adapter_dtype) and only the adapters train. QLoRA's model
     is LoRA's: the 4-bit storage is accounted for by model_states. Train mode (dropout on).
-    n_blocks: build only this many blocks (breakdowns builds 1 and 2); depth(size) by default.
+    n_blocks: build only the first n_blocks blocks (breakdowns builds 1 and 2); all
+    depth(size) of them by default.
     Raises ValueError for an unknown size, mode or precision, QLoRA in float32, or an
-    n_blocks that is not a whole number of at least 1.
+    n_blocks that is not a whole number from 1 to depth(size).
     """
     _check(size, mode, precision)
-    n_blocks = depth(size) if n_blocks is None else _positive_int("n_blocks", n_blocks)
+    blocks_of_size = depth(size)
+    if n_blocks is None:
+        n_blocks = blocks_of_size
+    elif isinstance(n_blocks, bool) or not isinstance(n_blocks, int):
+        raise ValueError(f"n_blocks must be a whole number, got {n_blocks!r}; e.g. n_blocks=2.")
+    elif not 1 <= n_blocks <= blocks_of_size:
+        raise ValueError(
+            f"n_blocks must be from 1 to {blocks_of_size} (the blocks of {size}), got "
+            f"{n_blocks!r}; leave it out for the whole model."
+        )
     with torch.device("meta"):
         if size == "llama-2-7b":
             model = _llama_7b(n_blocks)

@@ -172,23 +172,40 @@ def test_the_count_includes_the_float32_log_probabilities_of_the_loss():
     assert with_head - memory.activation_bytes(model, 1, 64) == 64 * (50257 - 10) * 4
 
 
-@pytest.mark.parametrize("size", ["gpt2-small", "llama-2-7b"])
-def test_breakdowns_from_one_and_two_blocks_equal_the_count_of_the_whole_model(size):
+@pytest.mark.parametrize(
+    ("size", "fused"), [("gpt2-small", True), ("gpt2-small", False), ("llama-2-7b", True)]
+)
+def test_breakdowns_from_one_and_two_blocks_equal_the_count_of_the_whole_model(size, fused):
     schemes = [("full", "float32"), ("lora", "bf16"), ("qlora", "bf16")]
-    extended = memory.breakdowns([size], schemes, [1, 3], 32)
+    extended = memory.breakdowns([size], schemes, [1, 3], 32, fused_attention=fused)
     for mode, precision in schemes:
         model = memory.build(size, mode, precision)
         assert len(memory.blocks(model)) == memory.depth(size)
         states = memory.model_states(model, mode, precision)
         for batch in (1, 3):
-            whole = states._replace(activations=memory.activation_bytes(model, batch, 32))
-            assert extended[size, mode, precision][batch] == whole
+            counted = memory.activation_bytes(model, batch, 32, fused_attention=fused)
+            assert extended[size, mode, precision][batch] == states._replace(activations=counted)
 
 
-def test_a_model_of_fewer_blocks_is_asked_for_with_a_whole_number():
+@pytest.mark.parametrize(
+    ("n_blocks", "message"),
+    [
+        (0, "from 1 to 12 .the blocks of gpt2-small., got 0"),
+        (13, "from 1 to 12"),
+        (2.0, "whole number, got 2.0; e.g. n_blocks=2"),
+        (True, "whole number"),
+    ],
+)
+def test_a_model_of_fewer_blocks_is_asked_for_with_a_number_of_its_blocks(n_blocks, message):
     assert len(memory.blocks(memory.build("gpt2-small", "lora", "bf16", n_blocks=2))) == 2
-    with pytest.raises(ValueError, match="n_blocks must be a positive whole number"):
-        memory.build("gpt2-small", "full", "bf16", n_blocks=0)
+    with pytest.raises(ValueError, match=message):
+        memory.build("gpt2-small", "full", "bf16", n_blocks=n_blocks)
+
+
+@pytest.mark.parametrize("size", [None, "gpt2", 12])
+def test_depth_names_every_size_for_an_unknown_one(size):
+    with pytest.raises(ValueError, match=r"'gpt2-xl', 'llama-2-7b'\]"):
+        memory.depth(size)
 
 
 # ---------------------------------------------- the meta-device count against real runs
