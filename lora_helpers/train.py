@@ -543,8 +543,9 @@ class RunResult:
         }
 
 
-def save_checkpoint(model: nn.Module, mode: str, directory: Path, source: GPT2Source) -> Path:
+def save_checkpoint(model: nn.Module, mode: str, directory: str | Path, source: GPT2Source) -> Path:
     """What each mode must keep: LoRA the adapter only, full the whole model, last-block its part."""
+    directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if mode == "lora":
         return save_adapter(model, directory / "lora", source)
@@ -565,7 +566,7 @@ def run_mode(
     recipe: Recipe,
     *,
     device: torch.device,
-    checkpoint_dir: Path,
+    checkpoint_dir: str | Path,
     source: GPT2Source,
     seed: int = 123,
     splits: Sequence[str] = ("train", "val", "test"),
@@ -577,6 +578,7 @@ def run_mode(
     "test"), with the weights the run ends with: the best validation step's if
     recipe.keep_best, else the last step's.
     """
+    checkpoint_dir = Path(checkpoint_dir)  # before training: a wrong type fails here, not after
     unknown = set(splits) - {"train", "val", "test"}
     if unknown:
         raise ValueError(f"Unknown split(s) {sorted(unknown)}; use 'train', 'val' or 'test'.")
@@ -637,7 +639,7 @@ def tune_mode(
     recipe: Recipe,
     *,
     device: torch.device,
-    checkpoint_dir: Path,
+    checkpoint_dir: str | Path,
     source: GPT2Source,
     reuse: Sequence[RunResult] = (),
 ) -> protocol.Tuned:
@@ -844,9 +846,10 @@ def plot_comparison(tuned: Sequence[protocol.Tuned]) -> Figure:
 
 
 def save_results(
-    results: list[RunResult], directory: Path, name: str, extra: dict, figure: Figure
+    results: list[RunResult], directory: str | Path, name: str, extra: dict, figure: Figure
 ) -> tuple[Path, Path]:
     """Write results/<name>.json (every number, plus `extra`) and <name>.png, atomically."""
+    directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     json_path, png_path = directory / f"{name}.json", directory / f"{name}.png"
     payload = {**extra, "runs": [r.row() for r in results]}

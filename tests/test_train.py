@@ -267,12 +267,13 @@ def test_run_mode_measures_only_the_splits_asked_for(tmp_path):
         loaders,
         recipe,
         device=CPU,
-        checkpoint_dir=tmp_path,
+        checkpoint_dir=str(tmp_path),  # a str works as well as a Path
         source=SOURCE,
         seed=5,
         splits=("val", "test"),
         progress=False,
     )
+    assert (tmp_path / "lora" / "adapter.safetensors").is_file()
     assert set(result.accuracy) == {"val", "test"}
     assert (result.lr, result.seed, result.recipe) == (8e-4, 5, recipe)
     assert result.val_loss == result.history.best_val_loss
@@ -401,7 +402,7 @@ def test_save_results_writes_json_and_png(tmp_path):
     )
     figure = train.plot_history(result.history, "lora")
     json_path, png_path = train.save_results(
-        [result], tmp_path / "results", "05_finetune_cpu", {"device": "cpu"}, figure
+        [result], str(tmp_path / "results"), "05_finetune_cpu", {"device": "cpu"}, figure
     )
     saved = json.loads(json_path.read_text())
     assert saved["device"] == "cpu"
