@@ -156,7 +156,7 @@ def sms_spam_path() -> Path:
     return extract_member(archive, SMS_MEMBER, dest, max_bytes=MAX_MEMBER_BYTES)
 
 
-def load_sms_spam(path: Path | None = None) -> list[Row]:
+def load_sms_spam(path: str | Path | None = None) -> list[Row]:
     """All 5,574 rows of the SMS Spam Collection, checked; downloads it if needed."""
     path = sms_spam_path() if path is None else Path(path)
     rows = parse_sms(path.read_text(encoding="utf-8"))
@@ -164,7 +164,7 @@ def load_sms_spam(path: Path | None = None) -> list[Row]:
     return rows
 
 
-def load_tiny_sms(path: Path | None = None) -> list[Row]:
+def load_tiny_sms(path: str | Path | None = None) -> list[Row]:
     """The 100 invented messages (50 ham, 50 spam) of data/tiny/, for quick offline runs.
 
     Read from the repository checkout; where the package is installed without it (Colab),
