@@ -40,9 +40,7 @@ class LinearWithDoRA(nn.Module):
         super().__init__()
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"LinearWithDoRA wraps an nn.Linear, got {type(linear).__name__}.")
-        self.linear = linear
-        self.linear.requires_grad_(False)
-        self.lora = LoRALayer(
+        lora = LoRALayer(  # checks rank and alpha before the layer is frozen
             linear.in_features,
             linear.out_features,
             rank,
@@ -52,12 +50,15 @@ class LinearWithDoRA(nn.Module):
             device=linear.weight.device,
         )
         # m, like A and B, in float32 on a half-precision base
-        norms = _row_norms(linear.weight.detach().to(self.lora.A.dtype))
+        norms = _row_norms(linear.weight.detach().to(lora.A.dtype))
         if norms.device.type != "meta" and not (norms > 0).all():  # meta: shapes only
             raise ValueError(
                 f"Row {int((norms == 0).nonzero()[0])} of the weight is all zeros, so its direction "
                 "W / ||W|| is undefined; DoRA needs a weight with no zero rows (use LoRA here)."
             )
+        self.linear = linear
+        self.linear.requires_grad_(False)
+        self.lora = lora
         self.m = nn.Parameter(norms.clone())
         self.exact_norm_gradient = exact_norm_gradient
         # set by merge(): the row norms of W + dW, needed to undo the merge

@@ -43,6 +43,18 @@ def _check_rank_alpha(rank: int, alpha: float, in_dim: int, out_dim: int) -> Non
         raise ValueError(
             f"alpha must be a finite number, got {alpha!r}; a common choice is alpha = rank."
         )
+    if alpha == 0:
+        raise ValueError(
+            "alpha is 0, which scales the update to zero: A and B would get no gradient and "
+            "never learn. Use a nonzero alpha; a common choice is alpha = rank."
+        )
+
+
+def _check_dropout_rslora(dropout: float, rslora: bool) -> None:
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}.")
+    if not isinstance(rslora, bool):
+        raise ValueError(f"rslora must be True or False, got {rslora!r}.")
 
 
 def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
@@ -77,8 +89,7 @@ class LoRALayer(nn.Module):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
         _check_rank_alpha(rank, alpha, in_dim, out_dim)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}.")
+        _check_dropout_rslora(dropout, rslora)
         self.rank, self.alpha, self.rslora = rank, float(alpha), rslora
         # dtype and device as in nn.Linear: A is drawn in the dtype it will train in (drawing in
         # float32 and casting would give last-bit differences between CPUs' random kernels).
@@ -134,9 +145,7 @@ class LinearWithLoRA(nn.Module):
             raise TypeError(
                 f"LinearWithLoRA wraps an nn.Linear, got {type(linear).__name__}.{hint}"
             )
-        self.linear = linear
-        self.linear.requires_grad_(False)
-        self.lora = LoRALayer(
+        lora = LoRALayer(  # checks rank, alpha and dropout before the layer is frozen
             linear.in_features,
             linear.out_features,
             rank,
@@ -146,6 +155,9 @@ class LinearWithLoRA(nn.Module):
             dtype=adapter_dtype(linear.weight.dtype),
             device=linear.weight.device,
         )
+        self.linear = linear
+        self.linear.requires_grad_(False)
+        self.lora = lora
         self.merged = False
         # Whether linear.weight holds the update is part of the layer's state: a merged state
         # loaded into an unmerged layer must not add the update a second time.
@@ -231,6 +243,11 @@ def wrap_linear_layers(
     targets = None
     if target_modules is not None:
         targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+        if not targets:
+            raise ValueError(
+                "target_modules is empty, so nothing would be wrapped: name the layers (e.g. "
+                "['W_query', 'W_value']), or pass None for every nn.Linear."
+            )
     stacked = [
         name
         for name, layer in adapters.items()

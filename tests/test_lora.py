@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from lora_helpers.dora import (
+    LinearWithDoRA,
     dora_layers,
     mark_only_dora_as_trainable,
     merge_dora,
@@ -141,12 +142,32 @@ def test_extra_repr_names_the_scaling_rule():
         ({"out_dim": 3.0}, "out_dim must be a positive integer"),
         ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
         ({"dropout": -0.1}, r"dropout must be in \[0, 1\)"),
+        ({"dropout": "0.1"}, r"dropout must be in \[0, 1\), got '0.1'"),
+        ({"dropout": None}, r"dropout must be in \[0, 1\), got None"),
+        ({"alpha": 0}, "alpha is 0, which scales the update to zero"),
+        ({"rslora": "no"}, "rslora must be True or False, got 'no'"),
     ],
 )
 def test_lora_layer_rejects_bad_arguments(kwargs, message):
     args = {"in_dim": 4, "out_dim": 6, "rank": 2, "alpha": 4} | kwargs
     with pytest.raises(ValueError, match=message):
         LoRALayer(**args)
+
+
+@pytest.mark.parametrize("wrapper", [LinearWithLoRA, LinearWithDoRA])
+@pytest.mark.parametrize("kwargs", [{"rank": 0, "alpha": 8}, {"rank": 4, "alpha": float("nan")}])
+def test_a_refused_wrapper_leaves_the_layer_trainable(wrapper, kwargs):
+    linear = nn.Linear(16, 8)
+    with pytest.raises(ValueError, match=r"(rank|alpha) must be"):
+        wrapper(linear, **kwargs)
+    assert all(p.requires_grad for p in linear.parameters())
+
+
+def test_an_empty_target_list_is_refused():
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="target_modules is empty"):
+        replace_linear_with_lora(model, 2, 2, [])
+    assert isinstance(model[0], nn.Linear)
 
 
 # --- LinearWithLoRA --------------------------------------------------------------------
