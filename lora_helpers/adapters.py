@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
@@ -280,8 +281,14 @@ def read_adapter_config(directory: str | Path) -> dict:
         raise FileNotFoundError(
             f"No {CONFIG_FILE} in {directory}; pass the folder that save_adapter wrote."
         )
-    config = json.loads(path.read_text())
-    if config.get("format") != ADAPTER_FORMAT:
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"{path} is damaged ({error}); save the adapter again with "
+            "lora_helpers.adapters.save_adapter."
+        ) from None
+    if not isinstance(config, dict) or config.get("format") != ADAPTER_FORMAT:
         raise ValueError(
             f"{path} is not a {ADAPTER_FORMAT!r} file; save it with lora_helpers.adapters.save_adapter."
         )
@@ -338,7 +345,14 @@ def load_adapter(
                 f"(rank {config['rank']}, alpha {config['alpha']:g}, {len(config['targets'])} "
                 "layers); load the adapter into a fresh base model."
             )
-    tensors = load_file(str(Path(directory) / WEIGHTS_FILE))
+    weights = Path(directory) / WEIGHTS_FILE
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError) as error:
+        raise ValueError(
+            f"{weights} cannot be read ({error}); it is missing or damaged: save the adapter "
+            "again with lora_helpers.adapters.save_adapter."
+        ) from None
     with undone_on_error(model):  # all or nothing
         if not layers:
             if _head(model).out_features != config["n_classes"]:

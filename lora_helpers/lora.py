@@ -24,20 +24,11 @@ class RankWarning(UserWarning):
     """A LoRA rank above min(in_dim, out_dim): allowed, but its extra parameters buy nothing."""
 
 
-def _check_rank_alpha(rank: int, alpha: float, in_dim: int, out_dim: int) -> None:
+def check_rank_alpha(rank: int, alpha: float) -> None:
+    """Raise ValueError unless rank is a positive integer and alpha a finite, nonzero number."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(
             f"rank must be a positive integer, got {rank!r}; typical values are 4, 8 or 16."
-        )
-    if rank > min(in_dim, out_dim):
-        # PEFT and the reference book accept this (e.g. rank 16 on a 768 -> 2 head), so do we.
-        warnings.warn(
-            f"rank {rank} is larger than min(in_dim={in_dim}, out_dim={out_dim}) = "
-            f"{min(in_dim, out_dim)}: B @ A cannot have a rank above that, so "
-            f"{(rank - min(in_dim, out_dim)) * (in_dim + out_dim):,} of its parameters buy "
-            f"nothing. Rank {min(in_dim, out_dim)} gives the same updates.",
-            RankWarning,
-            stacklevel=3,
         )
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise ValueError(
@@ -47,6 +38,20 @@ def _check_rank_alpha(rank: int, alpha: float, in_dim: int, out_dim: int) -> Non
         raise ValueError(
             "alpha is 0, which scales the update to zero: A and B would get no gradient and "
             "never learn. Use a nonzero alpha; a common choice is alpha = rank."
+        )
+
+
+def _check_rank_alpha(rank: int, alpha: float, in_dim: int, out_dim: int) -> None:
+    check_rank_alpha(rank, alpha)
+    if rank > min(in_dim, out_dim):
+        # PEFT and the reference book accept this (e.g. rank 16 on a 768 -> 2 head), so do we.
+        warnings.warn(
+            f"rank {rank} is larger than min(in_dim={in_dim}, out_dim={out_dim}) = "
+            f"{min(in_dim, out_dim)}: B @ A cannot have a rank above that, so "
+            f"{(rank - min(in_dim, out_dim)) * (in_dim + out_dim):,} of its parameters buy "
+            f"nothing. Rank {min(in_dim, out_dim)} gives the same updates.",
+            RankWarning,
+            stacklevel=3,
         )
 
 

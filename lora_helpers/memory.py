@@ -53,6 +53,9 @@ the rest of the block keep. The model measured is LoRA's on the bf16 base.
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 from unittest import mock
@@ -64,7 +67,7 @@ from torch import nn
 from .bench import lm_loss
 from .claims import LLAMA_2_7B
 from .gpt2 import GPTModel, gpt2_config
-from .lora import lora_layers, mark_only_lora_as_trainable, replace_linear_with_lora
+from .lora import RankWarning, lora_layers, mark_only_lora_as_trainable, replace_linear_with_lora
 from .protocol import format_table
 
 SIZES = ("gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl", "llama-2-7b")
@@ -343,6 +346,23 @@ def activation_bytes(
     return sum(saved.values())
 
 
+def _warn_once_for_the_whole_model(caught: list[warnings.WarningMessage], size: str) -> None:
+    """Warnings from building the 1- and 2-block models, once each; a RankWarning (whose layer
+    count is the small models') once for the size."""
+    seen = set()
+    for warning in caught:
+        if issubclass(warning.category, RankWarning):
+            message = (
+                f"the rank is larger than min(in, out) of some linear layers of {size}; their "
+                "extra adapter parameters buy nothing, and are counted all the same."
+            )
+        else:
+            message = str(warning.message)
+        if (warning.category, message) not in seen:
+            seen.add((warning.category, message))
+            warnings.warn(message, warning.category, stacklevel=3)
+
+
 def _to_depth(one: float, two: float, blocks: int) -> float:
     """A count made with 1 and with 2 blocks, extended to `blocks` identical blocks."""
     return one + (blocks - 1) * (two - one)
@@ -369,7 +389,10 @@ def breakdowns(
     do, and for empty or malformed sizes, schemes or batches."""
     if isinstance(sizes, str) or not sizes:
         raise ValueError(f"sizes must be a non-empty list, got {sizes!r}; e.g. ['gpt2-small'].")
-    if not batches or isinstance(batches, int):
+    if isinstance(batches, int):
+        raise ValueError(f"batches must be a non-empty list, got {batches!r}; e.g. (1, 8).")
+    batches = tuple(batches)  # a generator would be used up by the check below
+    if not batches:
         raise ValueError(f"batches must be a non-empty list, got {batches!r}; e.g. (1, 8).")
     for b in batches:
         _positive_int("batch", b)
@@ -382,9 +405,12 @@ def breakdowns(
         for mode, precision in schemes:
             shape = (size, "lora" if mode == "qlora" else mode, precision)
             if shape not in models:
-                models[shape] = [
-                    build(size, mode, precision, rank, alpha=rank, n_blocks=n) for n in (1, 2)
-                ]
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    models[shape] = [
+                        build(size, mode, precision, rank, alpha=rank, n_blocks=n) for n in (1, 2)
+                    ]
+                _warn_once_for_the_whole_model(caught, size)
                 measured[shape] = {
                     b: [
                         activation_bytes(m, b, tokens, fused_attention=fused_attention)
@@ -404,6 +430,8 @@ def breakdowns(
 def format_breakdowns(results: dict[tuple[str, str, str], dict[int, Memory]], tokens: int) -> str:
     """A text table of breakdowns() (made with `tokens` tokens a sequence): GB (1e9 bytes) per
     part, and the activations and total at each batch."""
+    if not results:
+        raise ValueError("results is empty; make it with breakdowns(sizes, schemes, batches).")
     batches = list(next(iter(results.values())))
     headers = ["size", "mode", "precision", "weights", "master", "gradients", "AdamW"]
     for b in batches:
@@ -428,8 +456,12 @@ def verdict(claimed_gb: float, memory: Memory, batch: int, tokens: int) -> str:
     leaves room for. Raises ValueError for a claim that is not a positive number, a batch or
     token count below 1, or a count without activations.
     """
-    if isinstance(claimed_gb, bool) or not isinstance(claimed_gb, (int, float)) or claimed_gb <= 0:
-        raise ValueError(f"claimed_gb must be a positive number of GB, got {claimed_gb!r}.")
+    if (
+        isinstance(claimed_gb, bool)
+        or not isinstance(claimed_gb, numbers.Real)
+        or not 0 < claimed_gb < math.inf
+    ):
+        raise ValueError(f"claimed_gb must be a positive, finite number of GB, got {claimed_gb!r}.")
     _positive_int("batch", batch)
     _positive_int("tokens", tokens)
     if memory.activations <= 0:

@@ -28,6 +28,7 @@ from .assets import data_dir, write_atomically
 from .attention import MultiHeadAttention
 from .lora import (
     LinearWithLoRA,
+    check_rank_alpha,
     count_parameters,
     mark_only_lora_as_trainable,
     replace_linear_with_lora,
@@ -238,6 +239,9 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("The model has no trainable parameters; add LoRA or unfreeze some first.")
+    for name, value in (("steps", steps), ("eval_every", eval_every), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     opt = torch.optim.Adam(params, lr=lr)
     g = torch.Generator().manual_seed(seed)
     mask = data.y != IGNORE
@@ -498,6 +502,7 @@ def scaling_of(rank: int, alpha: float, rule: str) -> float:
     """The factor LoRA multiplies its update by: alpha / r, or alpha / sqrt(r) (rsLoRA)."""
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}.")
+    check_rank_alpha(rank, alpha)
     return alpha / (rank if rule == "alpha/r" else math.sqrt(rank))
 
 

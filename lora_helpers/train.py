@@ -20,6 +20,7 @@ import io
 import json
 import math
 import numbers
+import os
 import random
 import re
 import time
@@ -43,6 +44,7 @@ from .assets import checkout, data_dir, write_atomically
 from .data import LABELS, Loaders, encode
 from .gpt2 import GPT2Source, classify_logits, dropout_probability, set_dropout
 from .lora import (
+    check_rank_alpha,
     count_parameters,
     evaluating,
     mark_only_lora_as_trainable,
@@ -403,6 +405,26 @@ class Recipe:
                 raise ValueError(
                     f"Learning rates must be finite numbers > 0; {mode!r} has {list(lrs)!r}."
                 )
+        for name in ("eval_batches", "max_length"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ValueError(f"{name} must be None or a positive integer, got {value!r}.")
+        if self.sizes is not None and (
+            len(self.sizes) != 3
+            or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.sizes)
+        ):
+            raise ValueError(
+                f"sizes must be None or (train, val, test) rows, three positive integers; got "
+                f"{self.sizes!r}."
+            )
+        if isinstance(self.targets, str):
+            raise ValueError(
+                f"targets must be a tuple of layer names, got the string {self.targets!r}; "
+                f"write ({self.targets!r},)."
+            )
+        check_rank_alpha(self.rank, self.alpha)
         if not self.seeds:
             raise ValueError("seeds is empty; give at least one (three or more show the spread).")
         _check_grad_clip(self.grad_clip)
@@ -412,6 +434,8 @@ class Recipe:
         """The learning rates tune_mode tries for `mode`: lr_grid[mode], or just lr[mode]."""
         if mode not in self.lr:
             raise ValueError(f"The recipe has no learning rate for {mode!r}; use one of {MODES}.")
+        if self.lr_grid is not None and mode not in self.lr_grid:
+            raise ValueError(f"lr_grid has no learning rates for {mode!r}; add {mode!r}: (...).")
         return (self.lr[mode],) if self.lr_grid is None else tuple(self.lr_grid[mode])
 
     def describe(self) -> str:
@@ -543,6 +567,26 @@ class RunResult:
         }
 
 
+def writable_folder(folder: str | Path, name: str = "folder") -> Path:
+    """`folder` as a Path, once it is clear that it can be created or written to: it is a
+    folder, or does not exist yet under a folder this process may write in. Changes nothing
+    on disk. Raises ValueError naming the problem, TypeError for something that is not a path.
+    """
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{name} {str(path)!r} is a file, not a folder; pass a folder.")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"{name} {str(path)!r} cannot be written: {str(existing)!r} is "
+            f"{'not a folder' if not existing.is_dir() else 'not writable'}; pass a folder you "
+            "can write to."
+        )
+    return path
+
+
 def save_checkpoint(model: nn.Module, mode: str, directory: str | Path, source: GPT2Source) -> Path:
     """What each mode must keep: LoRA the adapter only, full the whole model, last-block its part."""
     directory = Path(directory)
@@ -578,10 +622,18 @@ def run_mode(
     "test"), with the weights the run ends with: the best validation step's if
     recipe.keep_best, else the last step's.
     """
-    checkpoint_dir = Path(checkpoint_dir)  # before training: a wrong type fails here, not after
+    # Everything that would fail after training fails here, before it.
+    checkpoint_dir = writable_folder(checkpoint_dir, "checkpoint_dir")
+    if isinstance(splits, str):
+        raise ValueError(
+            f"splits must be a list of names, got the string {splits!r}; e.g. ('test',)."
+        )
     unknown = set(splits) - {"train", "val", "test"}
     if unknown:
         raise ValueError(f"Unknown split(s) {sorted(unknown)}; use 'train', 'val' or 'test'.")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}.")
+    recipe.grid(mode)  # a mode the recipe has no learning rate for
     seed_everything(seed)
     model = setup_mode(
         copy.deepcopy(base), mode, rank=recipe.rank, alpha=recipe.alpha, targets=recipe.targets
@@ -848,15 +900,31 @@ def plot_comparison(tuned: Sequence[protocol.Tuned]) -> Figure:
 def save_results(
     results: list[RunResult], directory: str | Path, name: str, extra: dict, figure: Figure
 ) -> tuple[Path, Path]:
-    """Write results/<name>.json (every number, plus `extra`) and <name>.png, atomically."""
+    """Write results/<name>.json (every number, plus `extra`) and <name>.png, atomically.
+
+    Both files are made in memory first, so bad input (a name with a folder in it, a "runs"
+    key in `extra`, something JSON cannot hold, no figure) writes nothing: ValueError.
+    """
+    if not isinstance(name, str) or not name or Path(name).name != name:
+        raise ValueError(f"name must be a file name without folders, got {name!r}.")
+    if "runs" in extra:
+        raise ValueError('extra has a "runs" key, which would be overwritten; rename it.')
+    if not isinstance(figure, Figure):
+        raise ValueError(f"figure must be a matplotlib Figure, got {type(figure).__name__}.")
+    payload = {**extra, "runs": [r.row() for r in results]}
+    try:
+        text = json.dumps(payload, indent=2) + "\n"
+    except TypeError as error:
+        raise ValueError(
+            f"extra holds something JSON cannot write ({error}); pass str(x)."
+        ) from None
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=120)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     json_path, png_path = directory / f"{name}.json", directory / f"{name}.png"
-    payload = {**extra, "runs": [r.row() for r in results]}
-    write_atomically(json_path, json.dumps(payload, indent=2) + "\n")
-    png = io.BytesIO()
-    figure.savefig(png, format="png", dpi=120)
-    write_atomically(png_path, png.getvalue())
+    write_atomically(png_path, png.getvalue())  # the PNG first: notebook 05 shows one per JSON
+    write_atomically(json_path, text)
     return json_path, png_path
 
 

@@ -228,6 +228,24 @@ def test_missing_or_foreign_config_is_a_clear_error(tmp_path):
     (tmp_path / "adapter_config.json").write_text('{"rank": 8}')
     with pytest.raises(ValueError, match="is not a 'lora-from-scratch adapter v1' file"):
         read_adapter_config(tmp_path)
+    (tmp_path / "adapter_config.json").write_text("[8]")
+    with pytest.raises(ValueError, match="is not a 'lora-from-scratch adapter v1' file"):
+        read_adapter_config(tmp_path)
+    (tmp_path / "adapter_config.json").write_text('{"rank": 8')
+    with pytest.raises(ValueError, match=r"is damaged .*save the adapter again"):
+        read_adapter_config(tmp_path)
+
+
+def test_a_damaged_weights_file_is_a_clear_error_and_changes_nothing(tmp_path):
+    folder = save_adapter(trained_lora(seed=1), tmp_path / "spam", SOURCE)
+    weights = folder / "adapter.safetensors"
+    weights.write_bytes(weights.read_bytes()[:20])
+    model = base_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"adapter\.safetensors cannot be read .*save the adapter"):
+        load_adapter(model, folder)
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
 def test_save_refuses_models_without_lora_or_merged(tmp_path):

@@ -2,15 +2,17 @@
 real CPU runs and the committed CPU measurement, and notebook 09's verdicts on a 7B table."""
 
 import json
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
 
 from lora_helpers import bench, memory
 from lora_helpers.gpt2 import GPTModel
-from lora_helpers.lora import mark_only_lora_as_trainable, replace_linear_with_lora
+from lora_helpers.lora import RankWarning, mark_only_lora_as_trainable, replace_linear_with_lora
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -93,11 +95,12 @@ def test_verdicts_true_refused_without_activations_and_for_a_bad_claim():
     states = memory.model_states(model, "full", "bf16")
     with pytest.raises(ValueError, match="no activations"):
         memory.verdict(8, states, 1, 16)
-    for claim in (-1, 0, "8"):
-        with pytest.raises(ValueError, match="positive number of GB"):
+    for claim in (-1, 0, "8", float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="positive, finite number of GB"):
             memory.verdict(claim, states, 1, 16)
     counted = states._replace(activations=memory.activation_bytes(model, 1, 16))
     assert memory.verdict(3, counted, 1, 16).startswith("true: 3 GB holds")
+    assert memory.verdict(np.float32(3), counted, 1, 16).startswith("true: 3 GB holds")
     assert memory.verdict(0.1, counted, 1, 16).startswith("corrected")
 
 
@@ -185,6 +188,20 @@ def test_breakdowns_from_one_and_two_blocks_equal_the_count_of_the_whole_model(s
         for batch in (1, 3):
             counted = memory.activation_bytes(model, batch, 32, fused_attention=fused)
             assert extended[size, mode, precision][batch] == states._replace(activations=counted)
+
+
+def test_breakdowns_takes_any_iterable_of_batches_and_warns_once_about_a_large_rank():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = memory.breakdowns(
+            ["gpt2-small"], [("lora", "bf16")], (b for b in [1]), 8, rank=800
+        )
+    assert list(results["gpt2-small", "lora", "bf16"]) == [1]
+    rank_warnings = [w for w in caught if issubclass(w.category, RankWarning)]
+    assert len(rank_warnings) == 1
+    assert "some linear layers of gpt2-small" in str(rank_warnings[0].message)
+    with pytest.raises(ValueError, match="results is empty"):
+        memory.format_breakdowns({}, 8)
 
 
 @pytest.mark.parametrize(

@@ -270,6 +270,19 @@ def test_train_refuses_a_frozen_model(data):
         studies.train(studies.TinyTransformer().requires_grad_(False), data.train, steps=1, lr=0.1)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"steps": -5}, "steps must be a positive integer, got -5"),
+        ({"eval_every": 0}, "eval_every must be a positive integer, got 0"),
+        ({"batch_size": 0}, "batch_size must be a positive integer, got 0"),
+    ],
+)
+def test_train_refuses_counts_that_cannot_train(data, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        studies.train(studies.TinyTransformer(), data.train, **({"steps": 1, "lr": 0.1} | kwargs))
+
+
 # --- training with early stopping -------------------------------------------------------------
 
 
@@ -353,6 +366,8 @@ def test_lora_run_trains_a_copy_and_reports(base, data):
 def test_lora_run_refuses_an_unknown_rule(base, data):
     with pytest.raises(ValueError, match="rule must be one of"):
         studies.lora_run(base, data, rank=2, alpha=4, rule="alpha", steps=1)
+    with pytest.raises(ValueError, match="rank must be a positive integer, got 0"):
+        studies.lora_run(base, data, rank=0, alpha=4, steps=1)  # was a ZeroDivisionError
 
 
 def test_scaling_of():

@@ -404,6 +404,15 @@ def test_save_results_writes_json_and_png(tmp_path):
     json_path, png_path = train.save_results(
         [result], str(tmp_path / "results"), "05_finetune_cpu", {"device": "cpu"}, figure
     )
+    for args, message in (
+        (("a/b", {}, figure), "file name without folders"),
+        (("c", {"runs": 1}, figure), '"runs" key'),
+        (("d", {"device": CPU}, figure), "JSON cannot write"),
+        (("e", {}, None), "matplotlib Figure"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            train.save_results([result], tmp_path / "refused", *args)
+    assert not (tmp_path / "refused").exists()
     saved = json.loads(json_path.read_text())
     assert saved["device"] == "cpu"
     assert saved["runs"][0]["trainable_params"] == result.trainable
@@ -545,11 +554,50 @@ def test_run_mode_fine_tunes_with_the_recipes_dropout_and_leaves_the_base_as_it_
         ({"lr_grid": {"full": (1e-3, float("inf"))}}, r"'full' has \[0.001, inf\]"),
         ({"lr_grid": {"full": ()}}, r"'full' has \[\]"),
         ({"seeds": ()}, r"seeds is empty"),
+        ({"eval_batches": 0}, r"eval_batches must be None or a positive integer, got 0"),
+        ({"max_length": 0}, r"max_length must be None or a positive integer, got 0"),
+        ({"sizes": (10,)}, r"sizes must be None or \(train, val, test\) rows"),
+        ({"targets": "W_query"}, r"write \('W_query',\)"),
+        ({"rank": 0}, r"rank must be a positive integer, got 0"),
+        ({"alpha": 0}, r"alpha is 0"),
     ],
 )
 def test_a_recipe_that_cannot_train_is_refused_when_made(setting, message):
     with pytest.raises(ValueError, match=message):
         dataclasses.replace(train.QUICK_RECIPE, **setting)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"checkpoint_dir": "FILE"}, r"is a file, not a folder"),
+        ({"checkpoint_dir": "FILE/inside"}, r"cannot be written: .* is not a folder"),
+        (
+            {"mode": "full", "recipe": train.Recipe(lr={"lora": 1e-3})},
+            r"no learning rate for 'full'",
+        ),
+        ({"splits": "test"}, r"splits must be a list of names, got the string 'test'"),
+        ({"seed": "1"}, r"seed must be an integer, got '1'"),
+    ],
+)
+def test_run_mode_refuses_what_would_fail_after_training_before_it_trains(
+    tmp_path, monkeypatch, change, message
+):
+    (tmp_path / "FILE").write_text("")
+    monkeypatch.setattr(train, "train_classifier", lambda *a, **k: pytest.fail("it trained"))
+    kwargs = {
+        "mode": "lora",
+        "recipe": train.Recipe(epochs=1, rank=2, alpha=2),
+        "checkpoint_dir": tmp_path / "checkpoints",
+        "device": CPU,
+        "source": SOURCE,
+    } | change
+    if isinstance(kwargs["checkpoint_dir"], str):
+        kwargs["checkpoint_dir"] = tmp_path / kwargs["checkpoint_dir"]
+    mode, recipe = kwargs.pop("mode"), kwargs.pop("recipe")
+    with pytest.raises(ValueError, match=message):
+        train.run_mode(tiny_classifier(), mode, tiny_loaders(), recipe, **kwargs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE"]
 
 
 def test_train_classifier_refuses_a_clipping_norm_that_would_flip_gradients():
