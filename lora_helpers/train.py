@@ -620,7 +620,9 @@ def run_mode(
 
     Accuracy is measured on the whole of each split named in `splits` (of "train", "val",
     "test"), with the weights the run ends with: the best validation step's if
-    recipe.keep_best, else the last step's.
+    recipe.keep_best, else the last step's. Raises ValueError before any training for a
+    checkpoint_dir that cannot be written (see writable_folder), unknown splits, a seed that
+    is not an integer, or a mode the recipe has no learning rate for.
     """
     # Everything that would fail after training fails here, before it.
     checkpoint_dir = writable_folder(checkpoint_dir, "checkpoint_dir")
