@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
-from .assets import write_atomically
+from .assets import writable_folder, write_atomically
 from .gpt2 import GPT2Source, to_classifier
 from .lora import (
     LinearWithLoRA,
@@ -267,7 +267,7 @@ def save_adapter(model: nn.Module, directory: str | Path, source: GPT2Source) ->
         "n_classes": _head(model).out_features,
         "targets": list(layers),
     }
-    directory = Path(directory)
+    directory = writable_folder(directory, "directory")
     directory.mkdir(parents=True, exist_ok=True)
     write_atomically(directory / WEIGHTS_FILE, save(tensors))
     write_atomically(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")

@@ -73,6 +73,26 @@ def find_asset(relpath: str) -> Path | None:
     return None
 
 
+def writable_folder(folder: str | Path, name: str = "folder") -> Path:
+    """`folder` as a Path, once it is clear that it can be created or written to: it is a
+    folder, or does not exist yet under a folder this process may write in. Changes nothing
+    on disk. Raises ValueError naming the problem, TypeError for something that is not a path.
+    """
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{name} {str(path)!r} is a file, not a folder; pass a folder.")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"{name} {str(path)!r} cannot be written: {str(existing)!r} is "
+            f"{'not a folder' if not existing.is_dir() else 'not writable'}; pass a folder you "
+            "can write to."
+        )
+    return path
+
+
 def write_atomically(path: Path, data: bytes | str) -> Path:
     """Write `data` (text as UTF-8) to `path` whole or not at all; returns `path`.
 

@@ -649,11 +649,12 @@ def write_results(result: dict, out: str | os.PathLike) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"bench-{result['device']}-{result['size']}"
     json_path, png_path = out / f"{stem}.json", out / f"{stem}.png"
-    write_atomically(json_path, json.dumps(result, indent=2) + "\n")
-    figure, png = plot_bench(result), io.BytesIO()
+    text = json.dumps(result, indent=2) + "\n"
+    figure, png = plot_bench(result), io.BytesIO()  # both made before either is written
     figure.savefig(png, format="png", dpi=110)
     plt.close(figure)
     write_atomically(png_path, png.getvalue())
+    write_atomically(json_path, text)
     return json_path, png_path
 
 

@@ -58,7 +58,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
-from .assets import write_atomically
+from .assets import writable_folder, write_atomically
 from .gpt2 import GPTModel, gpt2_state_dict, to_classifier
 from .lora import (
     LinearWithLoRA,
@@ -308,9 +308,7 @@ def export_peft_adapter(model: nn.Module, directory: str | Path) -> Path:
     for name, tensor in head.items():
         tensors[_HEAD_KEYS[name]] = tensor
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise ValueError(f"{directory} is a file; give export_peft_adapter a folder to write into.")
+    directory = writable_folder(directory, "directory")
     directory.mkdir(parents=True, exist_ok=True)
     write_atomically(directory / PEFT_WEIGHTS_FILE, save(tensors))  # each file whole or not at all
     write_atomically(directory / PEFT_CONFIG_FILE, json.dumps(config, indent=2) + "\n")

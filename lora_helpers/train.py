@@ -20,7 +20,6 @@ import io
 import json
 import math
 import numbers
-import os
 import random
 import re
 import time
@@ -40,7 +39,7 @@ from tqdm.auto import tqdm
 
 from . import protocol
 from .adapters import save_adapter
-from .assets import checkout, data_dir, write_atomically
+from .assets import checkout, data_dir, writable_folder, write_atomically
 from .data import LABELS, Loaders, encode
 from .gpt2 import GPT2Source, classify_logits, dropout_probability, set_dropout
 from .lora import (
@@ -567,26 +566,6 @@ class RunResult:
         }
 
 
-def writable_folder(folder: str | Path, name: str = "folder") -> Path:
-    """`folder` as a Path, once it is clear that it can be created or written to: it is a
-    folder, or does not exist yet under a folder this process may write in. Changes nothing
-    on disk. Raises ValueError naming the problem, TypeError for something that is not a path.
-    """
-    path = Path(folder)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{name} {str(path)!r} is a file, not a folder; pass a folder.")
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(
-            f"{name} {str(path)!r} cannot be written: {str(existing)!r} is "
-            f"{'not a folder' if not existing.is_dir() else 'not writable'}; pass a folder you "
-            "can write to."
-        )
-    return path
-
-
 def save_checkpoint(model: nn.Module, mode: str, directory: str | Path, source: GPT2Source) -> Path:
     """What each mode must keep: LoRA the adapter only, full the whole model, last-block its part."""
     directory = Path(directory)
@@ -621,7 +600,7 @@ def run_mode(
     Accuracy is measured on the whole of each split named in `splits` (of "train", "val",
     "test"), with the weights the run ends with: the best validation step's if
     recipe.keep_best, else the last step's. Raises ValueError before any training for a
-    checkpoint_dir that cannot be written (see writable_folder), unknown splits, a seed that
+    checkpoint_dir that cannot be written (assets.writable_folder), unknown splits, a seed that
     is not an integer, or a mode the recipe has no learning rate for.
     """
     # Everything that would fail after training fails here, before it.

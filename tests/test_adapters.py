@@ -253,6 +253,9 @@ def test_save_refuses_models_without_lora_or_merged(tmp_path):
         save_adapter(to_classifier(base_model(), 2), tmp_path, SOURCE)
     with pytest.raises(ValueError, match="merged"):
         save_adapter(merge_lora(trained_lora(seed=1)), tmp_path, SOURCE)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError, match="is a file, not a folder"):  # was FileExistsError
+        save_adapter(trained_lora(seed=1), tmp_path / "a-file", SOURCE)
 
 
 def test_merged_model_predicts_the_same(tmp_path):

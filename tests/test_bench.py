@@ -96,6 +96,13 @@ def test_it_writes_a_png_and_no_partial_files_and_prints_the_accounting(tiny_run
     assert "lora / full step time" in stdout
 
 
+def test_a_plot_that_fails_writes_neither_file(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "plot_bench", lambda result: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        bench.write_results(tiny_run[0], tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
