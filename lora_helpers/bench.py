@@ -60,6 +60,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .assets import write_atomically
+from .checks import positive_int
 from .gpt2 import GPT2Source, GPTModel, gpt2_config
 from .lora import (
     LinearWithLoRA,
@@ -292,8 +293,8 @@ def _trainer(model: nn.Module, device: torch.device) -> _Trainer:
 
 def _check(size: str, batch: int, tokens: int, steps: int, modes: Sequence[str]) -> dict:
     cfg = bench_config(size)
-    if batch < 1 or steps < 1:
-        raise ValueError(f"batch and steps must be at least 1, got {batch} and {steps}.")
+    positive_int("batch", batch)
+    positive_int("steps", steps)
     if not 2 <= tokens <= cfg["context_length"]:
         raise ValueError(
             f"tokens must be between 2 and {size}'s context length {cfg['context_length']}, "

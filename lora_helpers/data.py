@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .assets import AssetError, checkout, data_dir, fetch, find_asset
+from .checks import positive_int
 
 if TYPE_CHECKING:
     from tiktoken import Encoding
@@ -258,8 +259,7 @@ def make_loaders(
 
     Every split is padded to the longest training message, cut at `max_length` if given.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    positive_int("batch_size", batch_size)
     if not all(splits):
         raise ValueError(
             f"A split is empty (sizes {[len(part) for part in splits]}); give each split rows."

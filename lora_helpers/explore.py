@@ -12,16 +12,12 @@ from typing import NamedTuple
 
 import torch
 
+from .checks import positive_int
 from .lora import LoRALayer
 
 #: How the LoRA update x @ A @ B is scaled: the paper's alpha/rank, rank-stabilised
 #: alpha/sqrt(rank) (rsLoRA), and alpha alone (no division, a pitfall).
 SCALING_RULES = ("alpha/rank", "alpha/sqrt(rank)", "alpha")
-
-
-def _check_positive_int(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
 class ParameterComparison(NamedTuple):
@@ -47,7 +43,7 @@ class ParameterComparison(NamedTuple):
 def lora_parameter_counts(d: int, k: int, rank: int) -> ParameterComparison:
     """Trainable weights of a full d x k update (d * k) and of its rank-r LoRA (r * (d + k))."""
     for name, value in (("d", d), ("k", k), ("rank", rank)):
-        _check_positive_int(name, value)
+        positive_int(name, value)
     if rank > min(d, k):
         raise ValueError(
             f"rank {rank} is larger than min(d={d}, k={k}) = {min(d, k)}, the highest rank a "
@@ -96,7 +92,7 @@ def low_rank_plus_noise(
     The low-rank part B @ A has unit-variance entries; the noise has entries of std `noise`.
     """
     for name, value in (("d", d), ("k", k), ("rank", rank)):
-        _check_positive_int(name, value)
+        positive_int(name, value)
     if rank > min(d, k):
         raise ValueError(f"rank must be at most min(d, k) = {min(d, k)}, got {rank}.")
     if not (math.isfinite(noise) and noise >= 0):
@@ -114,7 +110,7 @@ def _check_rule(rule: str) -> None:
 
 def lora_scaling(rank: int, alpha: float, rule: str = "alpha/rank") -> float:
     """The factor in front of x @ A @ B under one of SCALING_RULES."""
-    _check_positive_int("rank", rank)
+    positive_int("rank", rank)
     _check_rule(rule)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise ValueError(f"alpha must be a finite number, got {alpha!r}.")
@@ -162,7 +158,7 @@ def brief_training(
     comes back to a setting does not train again); leaves the global random state alone.
     Raises ValueError for a bad rank, alpha, rule or steps.
     """
-    _check_positive_int("steps", steps)
+    positive_int("steps", steps)
     layer_alpha, rslora = lora_layer_arguments(rank, alpha, rule)
     lora_parameter_counts(out_dim, in_dim, rank)  # refuses rank > min: LoRALayer only warns
     x, y = _regression_task(in_dim, out_dim, seed)
@@ -240,7 +236,7 @@ def a_init_std(init: str, in_dim: int, rank: int) -> float:
     """
     _check_init(init)
     for name, value in (("in_dim", in_dim), ("rank", rank)):
-        _check_positive_int(name, value)
+        positive_int(name, value)
     if init == "paper":
         return 1 / rank
     fan_in = in_dim if init == "PEFT, ours" else rank
@@ -284,7 +280,7 @@ def first_steps(
     Raises ValueError for an unknown init or a bad rank, alpha or steps.
     """
     _check_init(init)
-    _check_positive_int("steps", steps)
+    positive_int("steps", steps)
     lora_parameter_counts(dim, dim, rank)  # refuses rank > dim
     x, y = _regression_task(dim, dim, seed)
     with torch.random.fork_rng(devices=[]):  # the layer's own draw of A is replaced below

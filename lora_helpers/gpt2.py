@@ -31,6 +31,7 @@ from torch import nn
 from . import assets
 from .assets import AssetError
 from .attention import MultiHeadAttention
+from .checks import positive_int
 from .lora import LinearWithLoRA, LoRALayer, evaluating, is_adapter
 
 # ---------------------------------------------------------------------------- configs
@@ -578,8 +579,8 @@ def generate(
         raise ValueError(f"idx must have shape (batch, tokens), got {tuple(idx.shape)}.")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k}.")
+    if top_k is not None:
+        positive_int("top_k", top_k, "or None, to sample from every token")
     context_length = model.pos_emb.num_embeddings
     done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
     with evaluating(model):
@@ -610,8 +611,7 @@ def to_classifier(model: GPTModel, n_classes: int) -> GPTModel:
 
     The model then maps (batch, tokens) -> (batch, tokens, n_classes); tok_emb keeps its weight.
     """
-    if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 1:
-        raise ValueError(f"n_classes must be a positive integer, got {n_classes!r}.")
+    positive_int("n_classes", n_classes)
     weight = model.tok_emb.weight
     model.out_head = nn.Linear(
         model.tok_emb.embedding_dim, n_classes, device=weight.device, dtype=weight.dtype

@@ -19,6 +19,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .checks import positive_int
+
 
 class RankWarning(UserWarning):
     """A LoRA rank above min(in_dim, out_dim): allowed, but its extra parameters buy nothing."""
@@ -26,10 +28,7 @@ class RankWarning(UserWarning):
 
 def check_rank_alpha(rank: int, alpha: float) -> None:
     """Raise ValueError unless rank is a positive integer and alpha a finite, nonzero number."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(
-            f"rank must be a positive integer, got {rank!r}; typical values are 4, 8 or 16."
-        )
+    positive_int("rank", rank, "typical values are 4, 8 or 16")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise ValueError(
             f"alpha must be a finite number, got {alpha!r}; a common choice is alpha = rank."
@@ -90,9 +89,8 @@ class LoRALayer(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("in_dim", in_dim), ("out_dim", out_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        positive_int("in_dim", in_dim)
+        positive_int("out_dim", out_dim)
         _check_rank_alpha(rank, alpha, in_dim, out_dim)
         _check_dropout_rslora(dropout, rslora)
         self.rank, self.alpha, self.rslora = rank, float(alpha), rslora

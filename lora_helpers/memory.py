@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bench import lm_loss
+from .checks import positive_int
 from .claims import LLAMA_2_7B
 from .gpt2 import GPTModel, gpt2_config
 from .lora import RankWarning, lora_layers, mark_only_lora_as_trainable, replace_linear_with_lora
@@ -122,12 +123,6 @@ def _check(size: str | None, mode: str, precision: str) -> None:
         raise ValueError(f"Unknown precision {precision!r}; use one of {list(PRECISIONS)}.")
     if mode == "qlora" and precision != "bf16":
         raise ValueError("QLoRA computes in bf16 on its 4-bit base: use precision='bf16'.")
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive whole number, got {value!r}; e.g. {name}=8.")
-    return value
 
 
 def _a_model(model: object) -> nn.Module:
@@ -327,8 +322,8 @@ def activation_bytes(
     whole number of at least 1.
     """
     _a_model(model)
-    _positive_int("batch", batch)
-    _positive_int("tokens", tokens)
+    positive_int("batch", batch, "e.g. batch=8")
+    positive_int("tokens", tokens, "e.g. tokens=8")
     params = {_storage(p) for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -395,7 +390,7 @@ def breakdowns(
     if not batches:
         raise ValueError(f"batches must be a non-empty list, got {batches!r}; e.g. (1, 8).")
     for b in batches:
-        _positive_int("batch", b)
+        positive_int("batch", b, "e.g. batch=8")
     if not schemes or any(not isinstance(x, tuple) or len(x) != 2 for x in schemes):
         raise ValueError(
             f"schemes must be (mode, precision) pairs, got {schemes!r}; e.g. [('full', 'bf16')]."
@@ -462,8 +457,8 @@ def verdict(claimed_gb: float, memory: Memory, batch: int, tokens: int) -> str:
         or not 0 < claimed_gb < math.inf
     ):
         raise ValueError(f"claimed_gb must be a positive, finite number of GB, got {claimed_gb!r}.")
-    _positive_int("batch", batch)
-    _positive_int("tokens", tokens)
+    positive_int("batch", batch, "e.g. batch=8")
+    positive_int("tokens", tokens, "e.g. tokens=8")
     if memory.activations <= 0:
         raise ValueError(
             "The count has no activations; measure them: breakdowns(...)[size, mode, precision]"

@@ -26,6 +26,7 @@ from torch import nn
 
 from .assets import data_dir, write_atomically
 from .attention import MultiHeadAttention
+from .checks import positive_int
 from .lora import (
     LinearWithLoRA,
     check_rank_alpha,
@@ -144,8 +145,7 @@ def make_splits(task: Task, n_train: int, *, n_val: int = 256, n_test: int = 102
 
 def make_data(task: Task, n: int, seed: int, *, clean: bool = False) -> Data:
     """n random sequences and their targets under `task`; clean=True skips the label noise."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive integer number of sequences, got {n!r}.")
+    positive_int("n", n, "it is the number of sequences")
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, VOCAB, (n, CONTEXT), generator=g)
     y = task.relabel()[torch.roll(x, task.shift, dims=1)]
@@ -240,8 +240,7 @@ def train(
     if not params:
         raise ValueError("The model has no trainable parameters; add LoRA or unfreeze some first.")
     for name, value in (("steps", steps), ("eval_every", eval_every), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        positive_int(name, value)
     opt = torch.optim.Adam(params, lr=lr)
     g = torch.Generator().manual_seed(seed)
     mask = data.y != IGNORE

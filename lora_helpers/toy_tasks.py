@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import MultiHeadAttention, add_lora_to_attention
+from .checks import positive_int
 from .explore import lora_layer_arguments
 from .lora import LinearWithLoRA, mark_only_lora_as_trainable
 from .protocol import BestStep
@@ -82,8 +83,8 @@ def train_with_early_stopping(
     a float, evaluated before training and every `eval_every` steps (and after the last).
     Raises ValueError for steps or eval_every below 1.
     """
-    if steps < 1 or eval_every < 1:
-        raise ValueError(f"steps and eval_every must be at least 1, got {steps} and {eval_every}.")
+    positive_int("steps", steps)
+    positive_int("eval_every", eval_every)
     params = list(params)
     optimizer = torch.optim.Adam(params, lr=lr)
     run = TrainingRun()

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from . import protocol
 from .adapters import save_adapter
 from .assets import checkout, data_dir, writable_folder, write_atomically
+from .checks import is_positive_int, positive_int
 from .data import LABELS, Loaders, encode
 from .gpt2 import GPT2Source, classify_logits, dropout_probability, set_dropout
 from .lora import (
@@ -391,9 +392,7 @@ class Recipe:
     def __post_init__(self) -> None:
         """Refuse settings that cannot train, each with one sentence naming it (ValueError)."""
         for name in ("epochs", "batch_size", "eval_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+            positive_int(name, getattr(self, name))
         wd = self.weight_decay
         if isinstance(wd, bool) or not isinstance(wd, numbers.Real) or not 0 <= wd < math.inf:
             raise ValueError(f"weight_decay must be a finite number >= 0, got {wd!r}.")
@@ -405,14 +404,10 @@ class Recipe:
                     f"Learning rates must be finite numbers > 0; {mode!r} has {list(lrs)!r}."
                 )
         for name in ("eval_batches", "max_length"):
-            value = getattr(self, name)
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
-            ):
-                raise ValueError(f"{name} must be None or a positive integer, got {value!r}.")
+            if getattr(self, name) is not None:
+                positive_int(name, getattr(self, name), "or None, for no limit")
         if self.sizes is not None and (
-            len(self.sizes) != 3
-            or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.sizes)
+            len(self.sizes) != 3 or not all(is_positive_int(n) for n in self.sizes)
         ):
             raise ValueError(
                 f"sizes must be None or (train, val, test) rows, three positive integers; got "

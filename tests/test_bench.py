@@ -107,7 +107,7 @@ def test_a_plot_that_fails_writes_neither_file(tiny_run, tmp_path, monkeypatch):
     ("argv", "message"),
     [
         (["--size", "tiny", "--tokens", "999"], "context length 64"),
-        (["--size", "tiny", "--steps", "0"], "at least 1"),
+        (["--size", "tiny", "--steps", "0"], "steps must be a positive integer, got 0"),
         (["--size", "gpt2-huge"], "invalid choice"),
     ],
 )

@@ -54,7 +54,10 @@ def test_qlora_stores_a_weight_in_4_127_bits():
         (lambda: memory.per_number("qlora", "float32", "frozen"), "use precision='bf16'"),
         (lambda: memory.per_number("lora", "bf16", "quantized"), "with mode='qlora'"),
         (lambda: memory.build("llama-2-13b", "full", "bf16"), "Unknown size 'llama-2-13b'"),
-        (lambda: memory.breakdowns(["gpt2-small"], [("full", "bf16")], [0]), "positive whole"),
+        (
+            lambda: memory.breakdowns(["gpt2-small"], [("full", "bf16")], [0]),
+            "batch must be a positive integer",
+        ),
         (lambda: memory.breakdowns("gpt2-small", [("full", "bf16")], [1]), r"\['gpt2-small'\]"),
         (lambda: memory.breakdowns(["gpt2-small"], ("full", "bf16"), [1]), "pairs"),
         (lambda: memory.breakdowns(["gpt2-small"], [("full", "bf16")], 8), r"\(1, 8\)"),
@@ -69,9 +72,9 @@ def test_unknown_settings_are_refused_naming_the_fix(call, message):
 
 
 @pytest.mark.parametrize("batch", ["8", 2.0, True, None, 0])
-def test_a_batch_that_is_not_a_positive_whole_number_is_refused(batch):
+def test_a_batch_that_is_not_a_positive_integer_is_refused(batch):
     model = memory.build("gpt2-small", "full", "bf16")
-    with pytest.raises(ValueError, match="batch must be a positive whole number"):
+    with pytest.raises(ValueError, match=r"batch must be a positive integer, got .*; e.g. batch=8"):
         memory.activation_bytes(model, batch, 16)
 
 

@@ -200,3 +200,20 @@ def test_every_package_a_notebook_imports_is_a_core_dependency(path):
                 continue
             dists = {canonicalize_name(d) for d in owners.get(module, [module])}
             assert dists & core, f"{rel(path)} imports {module!r}, not a core dependency ({dists})"
+
+
+def test_the_readme_maps_every_notebook_and_every_module():
+    """The README's map of notebooks and of modules names each one that exists, and no other."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    linked = set(re.findall(r"^\| \d\d \| \[[^]]+\]\((notebooks/\d\d_\w+\.ipynb)\)", text, re.M))
+    assert linked == {p.relative_to(ROOT).as_posix() for p in NUMBERED}
+    mapped = {
+        name
+        for first_column in re.findall(r"^\| (`\w+`(?:, `\w+`)*) \|", text, re.M)
+        for name in re.findall(r"`(\w+)`", first_column)
+    }
+    modules = {p.stem for p in (ROOT / "lora_helpers").glob("*.py") if p.stem != "__init__"}
+    assert mapped == modules, (
+        f"modules missing from the README: {sorted(modules - mapped)}; "
+        f"named there but absent: {sorted(mapped - modules)}"
+    )

@@ -138,9 +138,13 @@ def test_task_refuses_bad_settings(kwargs, message):
 
 
 def test_make_data_refuses_a_bad_size():
-    with pytest.raises(ValueError, match="positive integer number of sequences"):
+    with pytest.raises(
+        ValueError, match="n must be a positive integer, got 0; it is the number of sequences"
+    ):
         studies.make_data(studies.PRETRAIN_TASK, 0, seed=0)
-    with pytest.raises(ValueError, match="positive integer number of sequences"):
+    with pytest.raises(
+        ValueError, match="n must be a positive integer, got 0; it is the number of sequences"
+    ):
         studies.make_splits(studies.PRETRAIN_TASK, 0)
 
 

@@ -101,7 +101,7 @@ def test_early_stopping_evaluates_every_few_steps_and_after_the_last():
     )
     assert run.val_steps == [0, 10, 20, 25]
     assert run.best_step == 25
-    with pytest.raises(ValueError, match="steps and eval_every must be at least 1"):
+    with pytest.raises(ValueError, match="steps must be a positive integer, got 0"):
         train_with_early_stopping([w], w.sum, lambda: 0.0, steps=0, lr=0.1)
 
 

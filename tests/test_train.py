@@ -554,8 +554,11 @@ def test_run_mode_fine_tunes_with_the_recipes_dropout_and_leaves_the_base_as_it_
         ({"lr_grid": {"full": (1e-3, float("inf"))}}, r"'full' has \[0.001, inf\]"),
         ({"lr_grid": {"full": ()}}, r"'full' has \[\]"),
         ({"seeds": ()}, r"seeds is empty"),
-        ({"eval_batches": 0}, r"eval_batches must be None or a positive integer, got 0"),
-        ({"max_length": 0}, r"max_length must be None or a positive integer, got 0"),
+        (
+            {"eval_batches": 0},
+            r"eval_batches must be a positive integer, got 0; or None, for no limit",
+        ),
+        ({"max_length": 0}, r"max_length must be a positive integer, got 0; or None"),
         ({"sizes": (10,)}, r"sizes must be None or \(train, val, test\) rows"),
         ({"targets": "W_query"}, r"write \('W_query',\)"),
         ({"rank": 0}, r"rank must be a positive integer, got 0"),

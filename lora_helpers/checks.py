@@ -1,0 +1,24 @@
+"""Argument checks that many functions share, so that one mistake reads the same everywhere."""
+
+from __future__ import annotations
+
+import numbers
+
+
+def is_positive_int(value: object) -> bool:
+    """True for an int >= 1; False for anything else, bools and numpy integers included."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def positive_int(name: str, value: object, hint: str = "") -> int:
+    """Return `value` if is_positive_int(value); else raise ValueError naming `name`.
+
+    `hint`, when given, ends the message, e.g. "typical values are 4, 8 or 16". A numpy
+    integer is refused with the fix (int(...)): it would not survive a JSON config.
+    """
+    if not is_positive_int(value):
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool | int):
+            hint = f"pass int({name}), a Python int, instead of a {type(value).__name__}"
+        end = f"; {hint}." if hint else "."
+        raise ValueError(f"{name} must be a positive integer, got {value!r}{end}")
+    return value
