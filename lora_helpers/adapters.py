@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from .assets import writable_folder, write_atomically
+from .checks import positive_int
 from .gpt2 import GPT2Source, to_classifier
 from .lora import (
     LinearWithLoRA,
@@ -388,8 +389,10 @@ def load_adapter(
 def forward_latency(model: nn.Module, ids: torch.Tensor, repeats: int = 10) -> float:
     """Median seconds of one forward pass of `model` on `ids` (batch, tokens), after a warm-up.
 
-    Measured in eval mode; the model's modes are restored afterwards.
+    Measured in eval mode; the model's modes are restored afterwards. Raises ValueError for
+    repeats below 1.
     """
+    positive_int("repeats", repeats)
     device = next(model.parameters()).device
     ids = ids.to(device)
     times = []

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import dropout_probability, positive_int
 from .lora import replace_linear_with_lora
 
 #: Short names for the four projections, as the LoRA paper writes them.
@@ -21,7 +22,8 @@ ATTENTION_TARGETS = {"q": "W_query", "k": "W_key", "v": "W_value", "o": "out_pro
 class MultiHeadAttention(nn.Module):
     """Causal self-attention: x (batch, tokens, d_in) -> (batch, tokens, d_out).
 
-    dtype: of the four projections' weights (default: torch's default dtype).
+    dtype: of the four projections' weights (default: torch's default dtype). Raises
+    ValueError for sizes below 1, d_out not divisible by num_heads, or dropout outside [0, 1).
     """
 
     def __init__(
@@ -35,6 +37,10 @@ class MultiHeadAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        sizes = {"d_in": d_in, "d_out": d_out, "context_length": context_length}
+        for name, value in {**sizes, "num_heads": num_heads}.items():
+            positive_int(name, value)
+        dropout_probability(dropout, "dropout")
         if d_out % num_heads:
             raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads}).")
         self.d_out, self.num_heads, self.head_dim = d_out, num_heads, d_out // num_heads
@@ -45,6 +51,11 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(d_out, d_out, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3:
+            raise ValueError(
+                f"Expected x of shape (batch, tokens, d_in), got shape {tuple(x.shape)}; "
+                "add a batch dimension with x.unsqueeze(0)."
+            )
         b, t, _ = x.shape
         if t > self.context_length:
             raise ValueError(

@@ -59,11 +59,12 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
 
-from .assets import write_atomically
+from .assets import writable_folder, write_atomically
 from .checks import positive_int
 from .gpt2 import GPT2Source, GPTModel, gpt2_config
 from .lora import (
     LinearWithLoRA,
+    check_rank_alpha,
     lora_layers,
     mark_only_lora_as_trainable,
     merge_lora,
@@ -291,10 +292,19 @@ def _trainer(model: nn.Module, device: torch.device) -> _Trainer:
 # --------------------------------------------------------------------------- the run
 
 
-def _check(size: str, batch: int, tokens: int, steps: int, modes: Sequence[str]) -> dict:
+def _check(
+    size: str,
+    batch: int,
+    tokens: int,
+    steps: int,
+    modes: Sequence[str],
+    rank: int = 16,
+    alpha: float = 16,
+) -> dict:
     cfg = bench_config(size)
     positive_int("batch", batch)
     positive_int("steps", steps)
+    check_rank_alpha(rank, alpha)
     if not 2 <= tokens <= cfg["context_length"]:
         raise ValueError(
             f"tokens must be between 2 and {size}'s context length {cfg['context_length']}, "
@@ -411,12 +421,18 @@ def _process_context(peft: bool) -> multiprocessing.context.BaseContext:
     Where it exists (Linux, macOS), a fork server: one process imports torch (and peft) once,
     then forks a clean copy of itself for each mode, instead of each mode importing them anew
     (seconds each). Elsewhere (Windows), a fresh interpreter per mode.
+    It preloads what this module imports, not this module: under `python -m lora_helpers.bench`
+    each process runs it again as its main module, and runpy warns if it is imported already.
     """
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(
-        ["lora_helpers.bench", *(["peft", "transformers"] if peft else [])]
+        [
+            "lora_helpers.train",
+            "lora_helpers.peft_format",
+            *(["peft", "transformers"] if peft else []),
+        ]
     )
     return context
 
@@ -437,9 +453,10 @@ def run(
 
     Each mode trains in a process of its own, started here, on `torch.get_num_threads()`
     threads; the processes take turns step by step. Raises ValueError for a bad size, mode,
-    device, batch, token count or step count; RuntimeError if a mode's process fails.
+    device, batch, token count, step count, rank or alpha; RuntimeError if a mode's process
+    fails.
     """
-    cfg = _check(size, batch, tokens, steps, modes)
+    cfg = _check(size, batch, tokens, steps, modes, rank, alpha)
     device = resolve_device(None if device is None else torch.device(device).type)
     modes = list(dict.fromkeys(modes))
     if "peft-lora" in modes and importlib.util.find_spec("peft") is None:
@@ -556,7 +573,8 @@ def ratios(result: dict) -> dict[str, float]:
 
 def summary(result: dict) -> str:
     """A text table of one result: per mode, step time, tokens/s, trainable parameters,
-    peak memory (computed ones marked *), checkpoint; then inference and the ratios."""
+    peak memory (computed ones marked *), checkpoint; then inference and the ratios whose
+    modes ran."""
     rows = [
         [
             mode,
@@ -579,7 +597,9 @@ def summary(result: dict) -> str:
         lines.append("* computed: weights + gradients + AdamW states + activations")
     latency = ", ".join(f"{k} {1000 * v:,.1f} ms" for k, v in result["inference"].items())
     lines.append(f"inference (one forward pass): {latency}")
-    lines += [f"{name}: {value:.2f}" for name, value in ratios(result).items()]
+    lines += [
+        f"{name}: {value:.2f}" for name, value in ratios(result).items() if not math.isnan(value)
+    ]
     return "\n".join(lines)
 
 
@@ -665,15 +685,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Step time, memory, checkpoint size and inference latency of LoRA, full "
         "fine-tuning, the last block and PEFT's LoRA on random GPT-2 weights.",
     )
-    parser.add_argument("--size", default="gpt2-small", choices=SIZES)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=64, help="tokens per sequence")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per mode")
-    parser.add_argument("--device", choices=("cuda", "mps", "cpu"), help="default: CUDA, MPS, CPU")
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--alpha", type=float, default=16.0)
-    parser.add_argument("--out", default="results", help="folder for the JSON and PNG")
+    default = " (default: %(default)s)"
+    parser.add_argument("--size", default="gpt2-small", choices=SIZES, help="model" + default)
+    parser.add_argument("--batch", type=int, default=8, help="sequences per step" + default)
+    parser.add_argument("--tokens", type=int, default=64, help="tokens per sequence" + default)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per mode" + default)
+    parser.add_argument(
+        "--device",
+        choices=("cuda", "mps", "cpu"),
+        help="default: the first of cuda, mps, cpu there is",
+    )
+    parser.add_argument(
+        "--modes", nargs="+", default=list(MODES), choices=MODES, help="(default: all four)"
+    )
+    parser.add_argument("--rank", type=int, default=16, help="LoRA's rank" + default)
+    parser.add_argument("--alpha", type=float, default=16.0, help="LoRA's alpha" + default)
+    parser.add_argument("--out", default="results", help="folder for the JSON and PNG" + default)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -683,8 +710,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:  # bad arguments: a usage message, before any work
-        _check(args.size, args.batch, args.tokens, args.steps, args.modes)
+        _check(args.size, args.batch, args.tokens, args.steps, args.modes, args.rank, args.alpha)
         resolve_device(args.device)
+        writable_folder(args.out, "--out")
     except ValueError as error:
         parser.error(str(error))
     result = run(

@@ -22,3 +22,10 @@ def positive_int(name: str, value: object, hint: str = "") -> int:
         end = f"; {hint}." if hint else "."
         raise ValueError(f"{name} must be a positive integer, got {value!r}{end}")
     return value
+
+
+def dropout_probability(p: float, name: str = "A dropout probability") -> float:
+    """`p` as a plain float (-0.0 as 0.0); ValueError naming `name` unless a number in [0, 1)."""
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p < 1:
+        raise ValueError(f"{name} must be a number in [0, 1), got {p!r}.")
+    return float(p) + 0.0

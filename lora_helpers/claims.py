@@ -104,10 +104,14 @@ LLAMA_MLP = ["gate_proj", "up_proj", "down_proj"]
 def llama_lora_count(targets: Iterable[str] | None, rank: int = 8) -> ParameterCount:
     """Parameters of a frozen Llama-2-7B (on the meta device: no memory) with LoRA on `targets`.
 
-    targets: layer names as in LLAMA_ATTENTION and LLAMA_MLP, or None for no LoRA at all.
-    Every targeted layer adds rank * (in + out) trainable parameters.
+    targets: layer names as in LLAMA_ATTENTION and LLAMA_MLP (a single str is one name, as
+    in replace_linear_with_lora), or None for no LoRA at all. Every targeted layer adds
+    rank * (in + out) trainable parameters.
     """
     import transformers
+
+    if isinstance(targets, str):
+        targets = [targets]
 
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA_2_7B))

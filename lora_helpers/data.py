@@ -6,6 +6,7 @@ Pipeline: file -> rows (text, label) -> checked counts -> balanced -> split 70/1
 
 from __future__ import annotations
 
+import numbers
 import os
 import random
 import zipfile
@@ -180,7 +181,12 @@ def load_tiny_sms(path: str | Path | None = None) -> list[Row]:
 
 
 def balance(rows: list[Row], seed: int = 123) -> list[Row]:
-    """Undersample every label to the rarest label's count (seeded); order: by label."""
+    """Undersample every label to the rarest label's count (seeded); order: by label.
+
+    Raises ValueError for no rows.
+    """
+    if not rows:
+        raise ValueError("balance needs at least one row, got none; check the loaded data.")
     by_label: dict[int, list[Row]] = {}
     for row in rows:
         by_label.setdefault(row[1], []).append(row)
@@ -190,7 +196,19 @@ def balance(rows: list[Row], seed: int = 123) -> list[Row]:
 
 
 def split(rows: list[Row], fractions: tuple[float, float] = (0.7, 0.1), seed: int = 123) -> Splits:
-    """Shuffle (seeded) and cut into train / val / test; test gets what is left (20 %)."""
+    """Shuffle (seeded) and cut into train / val / test; test gets what is left (20 %).
+
+    Raises ValueError unless `fractions` is two numbers (train, val), train > 0, train + val < 1.
+    """
+    if not (
+        isinstance(fractions, tuple | list)
+        and len(fractions) == 2
+        and all(isinstance(f, numbers.Real) and not isinstance(f, bool) for f in fractions)
+    ):
+        raise ValueError(
+            f"fractions must be two numbers (train, val), got {fractions!r}; test gets the "
+            "rest, e.g. (0.7, 0.1)."
+        )
     if not (0 < fractions[0] and 0 <= fractions[1] and sum(fractions) < 1):
         raise ValueError(
             f"fractions {fractions} must be (train, val) with train > 0 and train + val < 1."
@@ -205,15 +223,30 @@ def split(rows: list[Row], fractions: tuple[float, float] = (0.7, 0.1), seed: in
 
 
 def subset(splits: Splits, sizes: tuple[int, int, int]) -> Splits:
-    """The first `sizes` rows of train, val and test (the splits are already shuffled)."""
+    """The first `sizes` rows of train, val and test (the splits are already shuffled).
+
+    Raises ValueError unless `sizes` is three non-negative ints (train, val, test).
+    """
+    if not (
+        isinstance(sizes, tuple | list)
+        and len(sizes) == 3
+        and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in sizes)
+    ):
+        raise ValueError(
+            f"sizes must be three non-negative ints (train, val, test), got {sizes!r}; "
+            "e.g. (320, 149, 300)."
+        )
     return Splits(*(part[:n] for part, n in zip(splits, sizes, strict=True)))
 
 
 def encode(texts: list[str], tokenizer: Encoding, max_length: int | None = None) -> torch.Tensor:
     """Token ids (n, max_length), padded with <|endoftext|> (50256) and truncated.
 
-    max_length=None pads to the longest text.
+    max_length=None pads to the longest text. Raises TypeError for a single str (pass a
+    list), ValueError for no texts or max_length < 1.
     """
+    if isinstance(texts, str):
+        raise TypeError("texts must be a list of strings, got one str; pass [text] instead.")
     if not texts:
         raise ValueError("encode needs at least one text; the split is empty.")
     ids = [tokenizer.encode_ordinary(t) for t in texts]
@@ -258,7 +291,13 @@ def make_loaders(
     """DataLoaders of (ids (batch, max_length), labels (batch,)); train is shuffled (seeded).
 
     Every split is padded to the longest training message, cut at `max_length` if given.
+    Raises TypeError unless `splits` is a Splits, ValueError for an empty split.
     """
+    if not isinstance(splits, Splits):
+        raise TypeError(
+            f"splits must be the Splits (train, val, test) that split() returns, got a "
+            f"{type(splits).__name__}; call make_loaders(split(rows), tokenizer)."
+        )
     positive_int("batch_size", batch_size)
     if not all(splits):
         raise ValueError(

@@ -17,7 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import LoRALayer, adapter_dtype, check_unshared, freeze, wrap_linear_layers
+from .lora import (
+    LoRALayer,
+    adapter_dtype,
+    check_unshared,
+    freeze,
+    lora_layers,
+    refuse_shared_weight,
+    wrap_linear_layers,
+)
 
 
 def _row_norms(weight: torch.Tensor) -> torch.Tensor:
@@ -63,6 +71,9 @@ class LinearWithDoRA(nn.Module):
         self.exact_norm_gradient = exact_norm_gradient
         # set by merge(): the row norms of W + dW, needed to undo the merge
         self.register_buffer("merged_norms", None)
+        # and the m and dW it merged, so that unmerge() undoes exactly that (see LinearWithLoRA)
+        self.merged_update: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.shared_with: list[tuple[str, torch.Tensor]] = []  # see LinearWithLoRA
 
     @property
     def merged(self) -> bool:
@@ -99,19 +110,28 @@ class LinearWithDoRA(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Replace W by W' in place: one plain matmul per call after, same outputs."""
+        """Replace W by W' in place: one plain matmul per call after, same outputs.
+
+        Raises ValueError, changing nothing, for a weight tied elsewhere (refuse_shared_weight).
+        """
         if not self.merged:
-            combined = self.linear.weight + self.lora.delta_weight()
+            refuse_shared_weight(self)
+            self.merged_update = (self.m.clone(), self.lora.delta_weight())
+            m, delta = self.merged_update
+            combined = self.linear.weight + delta
             self.merged_norms = _row_norms(combined)
-            self.linear.weight.copy_((self.m / self.merged_norms)[:, None] * combined)
+            self.linear.weight.copy_((m / self.merged_norms)[:, None] * combined)
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo merge(): W = W' * ||W + dW|| / m - dW."""
+        """Undo merge(): W = W' * ||W + dW|| / m - dW, with the m and dW that merge() used."""
         if self.merged:
-            combined = self.linear.weight * (self.merged_norms / self.m)[:, None]
-            self.linear.weight.copy_(combined - self.lora.delta_weight())
+            m, delta = self.merged_update or (self.m, self.lora.delta_weight())
+            m, delta = m.to(self.m.device), delta.to(self.m.device)
+            combined = self.linear.weight * (self.merged_norms / m)[:, None]
+            self.linear.weight.copy_(combined - delta)
             self.merged_norms = None
+            self.merged_update = None
 
     def extra_repr(self) -> str:
         exact = ", exact_norm_gradient=True" if self.exact_norm_gradient else ""
@@ -151,8 +171,24 @@ def dora_layers(model: nn.Module) -> Iterator[tuple[str, LinearWithDoRA]]:
             yield name, module
 
 
+def _refuse_lora_only(model: nn.Module, action: str) -> None:
+    """Raise ValueError if `model` has LoRA layers but no DoRA layer: `action` would do nothing."""
+    if not any(True for _ in dora_layers(model)):
+        found = [name for name, _ in lora_layers(model)]
+        if found:
+            raise ValueError(
+                f"{action} works on LinearWithDoRA layers, but the model's adapters are "
+                f"LinearWithLoRA (e.g. {found[0]!r}), so it would do nothing: use "
+                "lora_helpers.lora's functions (merge_lora, mark_only_lora_as_trainable)."
+            )
+
+
 def mark_only_dora_as_trainable(model: nn.Module) -> nn.Module:
-    """Freeze everything, then unfreeze A, B and m of every DoRA layer; returns `model`."""
+    """Freeze everything, then unfreeze A, B and m of every DoRA layer; returns `model`.
+
+    Raises ValueError for a model whose adapters are all LoRA layers.
+    """
+    _refuse_lora_only(model, "mark_only_dora_as_trainable")
     freeze(model)
     for _, layer in dora_layers(model):
         layer.lora.requires_grad_(True)
@@ -163,8 +199,10 @@ def mark_only_dora_as_trainable(model: nn.Module) -> nn.Module:
 def merge_dora(model: nn.Module) -> nn.Module:
     """merge() every DoRA layer of `model`; returns `model`.
 
-    Raises ValueError, before merging any layer, if a base weight is shared (check_unshared).
+    Raises ValueError, before merging any layer, if a base weight is shared (check_unshared),
+    or if the model's adapters are all LoRA layers.
     """
+    _refuse_lora_only(model, "merge_dora")
     layers = list(dora_layers(model))
     check_unshared(model, layers)
     for _, layer in layers:

@@ -59,8 +59,14 @@ def _check_matrix(W: torch.Tensor) -> None:
 
 
 def truncated_svd(W: torch.Tensor, rank: int) -> torch.Tensor:
-    """The best rank-r approximation of W (d, k) in Frobenius norm: U_r diag(S_r) V_r^T, (d, k)."""
+    """The best rank-r approximation of W (d, k) in Frobenius norm: U_r diag(S_r) V_r^T, (d, k).
+
+    An integer (or bool) W is converted to torch's default float dtype first; raises
+    ValueError for a W that is not a non-empty matrix or a rank outside 0 .. min(d, k).
+    """
     _check_matrix(W)
+    if not (W.is_floating_point() or W.is_complex()):
+        W = W.to(torch.get_default_dtype())  # torch.linalg.svd takes no integer tensors
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= min(W.shape):
         raise ValueError(
             f"rank must be an integer from 0 to min{tuple(W.shape)} = {min(W.shape)}, got {rank!r}."
@@ -152,13 +158,14 @@ def brief_training(
 ) -> BriefTraining:
     """Train a LoRALayer (in_dim -> out_dim, B = 0 at the start) for `steps` Adam steps.
 
-    The task, a regression y = x @ W_target on 128 inputs, is drawn from `seed`, as is A;
+    The task, a regression y = x @ W_target / sqrt(in_dim) on 128 inputs, is drawn from `seed`, as is A;
     the learning rate is the same for every rank, so only `rank`, `alpha` and the scaling
     `rule` change the result. Runs in float64, deterministic, and cached (a slider that
     comes back to a setting does not train again); leaves the global random state alone.
-    Raises ValueError for a bad rank, alpha, rule or steps.
+    Raises ValueError for a bad rank, alpha, rule, in_dim, out_dim or steps.
     """
-    positive_int("steps", steps)
+    for name, value in (("in_dim", in_dim), ("out_dim", out_dim), ("steps", steps)):
+        positive_int(name, value)
     layer_alpha, rslora = lora_layer_arguments(rank, alpha, rule)
     lora_parameter_counts(out_dim, in_dim, rank)  # refuses rank > min: LoRALayer only warns
     x, y = _regression_task(in_dim, out_dim, seed)
@@ -277,9 +284,10 @@ def first_steps(
     The task is brief_training's regression (128 inputs, a random dense target) at GPT-2
     small's width by default. `seed` draws the task and A, so the inits compare on the same
     tasks. float64 and deterministic; cached; leaves the global random state alone.
-    Raises ValueError for an unknown init or a bad rank, alpha or steps.
+    Raises ValueError for an unknown init or a bad rank, alpha, dim or steps.
     """
     _check_init(init)
+    positive_int("dim", dim)
     positive_int("steps", steps)
     lora_parameter_counts(dim, dim, rank)  # refuses rank > dim
     x, y = _regression_task(dim, dim, seed)

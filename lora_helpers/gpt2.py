@@ -31,7 +31,7 @@ from torch import nn
 from . import assets
 from .assets import AssetError
 from .attention import MultiHeadAttention
-from .checks import positive_int
+from .checks import dropout_probability, positive_int
 from .lora import LinearWithLoRA, LoRALayer, evaluating, is_adapter
 
 # ---------------------------------------------------------------------------- configs
@@ -122,6 +122,8 @@ class GPTModel(nn.Module):
 
     out_head shares its weight with tok_emb (weight tying, as in GPT-2), so parameter
     counts that skip shared tensors (lora.count_parameters) count that matrix once.
+    Raises ValueError for a config that lacks a key, has a size below 1, an emb_dim not
+    divisible by n_heads, or a drop_rate outside [0, 1).
     """
 
     def __init__(self, cfg: dict) -> None:
@@ -131,6 +133,16 @@ class GPTModel(nn.Module):
             raise ValueError(
                 f"The config lacks {sorted(missing)}; start from gpt2_config(name) or FALLBACK_CONFIG."
             )
+        for key in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+            positive_int(
+                f'cfg["{key}"]', cfg[key], "start from gpt2_config(name) or FALLBACK_CONFIG"
+            )
+        if cfg["emb_dim"] % cfg["n_heads"]:
+            raise ValueError(
+                f'cfg["emb_dim"] ({cfg["emb_dim"]}) must be divisible by cfg["n_heads"] '
+                f"({cfg['n_heads']}); each head gets emb_dim / n_heads dimensions."
+            )
+        dropout_probability(cfg["drop_rate"], 'cfg["drop_rate"]')
         self.cfg = dict(cfg)
         self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
         self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
@@ -171,7 +183,15 @@ class GPTModel(nn.Module):
 
 
 def parameter_breakdown(model: GPTModel) -> dict[str, int]:
-    """Parameters by component (shared tensors once): embeddings, attention, feed-forward, norms, head, LoRA."""
+    """Parameters by component (shared tensors once): embeddings, attention, feed-forward, norms, head, LoRA.
+
+    Raises TypeError for a model that is not a GPTModel (its parameter names would not match).
+    """
+    if not isinstance(model, GPTModel):
+        raise TypeError(
+            f"parameter_breakdown needs this package's GPTModel, got a {type(model).__name__}; "
+            "pass the model from load_gpt2_or_fallback() or GPTModel(cfg)."
+        )
     groups = {
         "token embedding": 0,
         "position embedding": 0,
@@ -546,8 +566,13 @@ def text_to_token_ids(text: str, tokenizer: tiktoken.Encoding) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long).unsqueeze(0)
 
 
-def token_ids_to_text(ids: torch.Tensor, tokenizer: tiktoken.Encoding) -> str:
-    """Token ids of shape (tokens,) or (1, tokens) -> text."""
+def token_ids_to_text(ids: torch.Tensor | list[int], tokenizer: tiktoken.Encoding) -> str:
+    """Token ids of shape (tokens,) or (1, tokens), or a list of ints (tokenizer.encode's) -> text.
+
+    Raises ValueError for a batch of more than one sequence.
+    """
+    if isinstance(ids, list | tuple):
+        return tokenizer.decode(list(ids))
     if ids.dim() == 2 and ids.shape[0] != 1:
         raise ValueError(
             f"Got a batch of {ids.shape[0]} sequences; decode one row at a time: ids[i]."
@@ -570,14 +595,23 @@ def generate(
 ) -> torch.Tensor:
     """Extend token ids (batch, tokens) by up to max_new_tokens -> (batch, tokens + new).
 
-    temperature 0 picks the most likely token (greedy); above 0 it samples from
-    softmax(logits / temperature), restricted to the top_k most likely tokens if given.
-    The model sees at most its context_length last tokens. With eos_id, a sequence that
-    emitted it is padded with it, and generation stops once every sequence has.
+    temperature 0 picks the most likely token (greedy, and top_k is then ignored); above 0
+    it samples from softmax(logits / temperature), restricted to the top_k most likely
+    tokens if given. The model sees at most its context_length last tokens. With eos_id, a
+    sequence that emitted it is padded with it, and generation stops once every sequence
+    has. Raises ValueError for an empty prompt, a negative max_new_tokens, a temperature
+    below 0 or NaN, or a top_k below 1.
     """
     if idx.dim() != 2:
         raise ValueError(f"idx must have shape (batch, tokens), got {tuple(idx.shape)}.")
-    if temperature < 0:
+    if idx.shape[1] == 0:
+        raise ValueError(
+            "The prompt is empty (0 tokens); give at least one token, e.g. "
+            'text_to_token_ids("<|endoftext|>", tokenizer).'
+        )
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
+    if not (isinstance(temperature, numbers.Real) and temperature >= 0):  # NaN fails too
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
     if top_k is not None:
         positive_int("top_k", top_k, "or None, to sample from every token")
@@ -610,20 +644,20 @@ def to_classifier(model: GPTModel, n_classes: int) -> GPTModel:
     """Replace the LM head by nn.Linear(emb_dim, n_classes) (with bias, freshly initialised); returns `model`.
 
     The model then maps (batch, tokens) -> (batch, tokens, n_classes); tok_emb keeps its weight.
+    Raises ValueError for n_classes below 1 or an out_head that carries LoRA or DoRA (it
+    would be lost).
     """
     positive_int("n_classes", n_classes)
+    if is_adapter(model.out_head):
+        raise ValueError(
+            "model.out_head carries LoRA, which to_classifier would drop; call to_classifier "
+            "before adding LoRA, or leave out_head out of the LoRA targets."
+        )
     weight = model.tok_emb.weight
     model.out_head = nn.Linear(
         model.tok_emb.embedding_dim, n_classes, device=weight.device, dtype=weight.dtype
     )
     return model
-
-
-def dropout_probability(p: float, name: str = "A dropout probability") -> float:
-    """`p` as a plain float (-0.0 as 0.0); ValueError naming `name` unless a number in [0, 1)."""
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p < 1:
-        raise ValueError(f"{name} must be a number in [0, 1), got {p!r}.")
-    return float(p) + 0.0
 
 
 def set_dropout(model: nn.Module, p: float) -> nn.Module:

@@ -80,22 +80,29 @@ def download(kit: str | os.PathLike, gpt2_sizes: tuple[str, ...] = DEFAULT_GPT2)
     """Fill folder `kit` with the tokenizer, the SMS data and GPT-2 `gpt2_sizes`; then check it.
 
     Local copies (LORA_ASSETS_PATH, the cache) are used first; the rest is downloaded.
-    Returns check(kit, gpt2_sizes); raises AssetError when something cannot be had.
+    Returns check(kit, gpt2_sizes); raises AssetError when something cannot be had (then
+    the folders it created are removed again if nothing came into them) or `kit` is a file.
     """
     kit = Path(kit).expanduser().resolve()
     for size in gpt2_sizes:
         gpt2.gpt2_config(size)  # an unknown size fails here, before any download
     if kit.exists() and not kit.is_dir():
         raise AssetError(f"{kit} is a file, not a folder; give download a folder for the kit.")
+    made = [p for p in (kit, *kit.parents) if not p.exists()]  # created here, deepest first
     kit.mkdir(parents=True, exist_ok=True)
     sources = [p for p in [*assets.asset_search_path(), assets.data_dir()] if p.resolve() != kit]
-    with _environ(LORA_DATA_DIR=str(kit), LORA_ASSETS_PATH=os.pathsep.join(map(str, sources))):
-        for relpath, (url, sha256) in gpt2.TOKENIZER_FILES.items():
-            found = assets.fetch(relpath, url, sha256=sha256, desc="GPT-2 tokenizer")
-            _copy_into(kit, relpath, found)
-        _copy_into(kit, data.SMS_RELPATH, data.sms_spam_path())
-        for size in gpt2_sizes:
-            _copy_into(kit, gpt2.weights_relpath(size), gpt2.download_gpt2_weights(size))
+    try:
+        with _environ(LORA_DATA_DIR=str(kit), LORA_ASSETS_PATH=os.pathsep.join(map(str, sources))):
+            for relpath, (url, sha256) in gpt2.TOKENIZER_FILES.items():
+                found = assets.fetch(relpath, url, sha256=sha256, desc="GPT-2 tokenizer")
+                _copy_into(kit, relpath, found)
+            _copy_into(kit, data.SMS_RELPATH, data.sms_spam_path())
+            for size in gpt2_sizes:
+                _copy_into(kit, gpt2.weights_relpath(size), gpt2.download_gpt2_weights(size))
+    except BaseException:
+        if made and not any(p.is_file() for p in made[-1].rglob("*")):  # nothing came
+            shutil.rmtree(made[-1])  # only folders this call created, all of them empty
+        raise
     return check(kit, gpt2_sizes)
 
 
@@ -119,8 +126,13 @@ def _verify(kit: Path, name: str, relpath: str, load: Callable[[], object]) -> K
 
 
 def check(kit: str | os.PathLike, gpt2_sizes: tuple[str, ...] = DEFAULT_GPT2) -> list[KitItem]:
-    """Verify folder `kit` offline: tokenizer, SMS data, GPT-2 `gpt2_sizes` and any other size in it."""
+    """Verify folder `kit` offline: tokenizer, SMS data, GPT-2 `gpt2_sizes` and any other size in it.
+
+    Raises AssetError when `kit` is a file, ValueError for an unknown GPT-2 size.
+    """
     kit = Path(kit).expanduser().resolve()
+    if kit.exists() and not kit.is_dir():
+        raise AssetError(f"{kit} is a file, not a folder; give check the kit's folder.")
     present = sorted(p.parent.name for p in kit.glob("gpt2/*/model.safetensors"))
     sizes = list(dict.fromkeys([*gpt2_sizes, *present]))
     for size in sizes:

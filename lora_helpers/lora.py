@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import warnings
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
@@ -19,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .checks import positive_int
+from .checks import dropout_probability, positive_int
 
 
 class RankWarning(UserWarning):
@@ -30,9 +31,10 @@ def check_rank_alpha(rank: int, alpha: float) -> None:
     """Raise ValueError unless rank is a positive integer and alpha a finite, nonzero number."""
     positive_int("rank", rank, "typical values are 4, 8 or 16")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise ValueError(
-            f"alpha must be a finite number, got {alpha!r}; a common choice is alpha = rank."
-        )
+        fix = "a common choice is alpha = rank"
+        if isinstance(alpha, numbers.Real) and not isinstance(alpha, (bool, int, float)):
+            fix = f"pass float(alpha), a Python float, instead of a {type(alpha).__name__}"
+        raise ValueError(f"alpha must be a finite number, got {alpha!r}; {fix}.")
     if alpha == 0:
         raise ValueError(
             "alpha is 0, which scales the update to zero: A and B would get no gradient and "
@@ -55,8 +57,7 @@ def _check_rank_alpha(rank: int, alpha: float, in_dim: int, out_dim: int) -> Non
 
 
 def _check_dropout_rslora(dropout: float, rslora: bool) -> None:
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}.")
+    dropout_probability(dropout, "dropout")
     if not isinstance(rslora, bool):
         raise ValueError(f"rslora must be True or False, got {rslora!r}.")
 
@@ -165,6 +166,14 @@ class LinearWithLoRA(nn.Module):
         # Whether linear.weight holds the update is part of the layer's state: a merged state
         # loaded into an unmerged layer must not add the update a second time.
         self.register_buffer("merged_flag", torch.tensor(False, device=linear.weight.device))
+        # What merge() added (scaling, A, B: rank * (in + out) numbers), so that unmerge()
+        # subtracts exactly that even if A or B changed while merged (an optimizer step with
+        # old gradients, say). A merged state loaded from a file keeps the A and B loaded with it.
+        self.merged_update: tuple[float, torch.Tensor, torch.Tensor] | None = None
+        self.register_load_state_dict_post_hook(_remember_loaded_update)
+        # Tensors elsewhere in the model that share linear.weight's memory (GPT-2's tied
+        # tok_emb and out_head), set by replace_linear_with_lora: merge() would change them too.
+        self.shared_with: list[tuple[str, torch.Tensor]] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
@@ -172,23 +181,32 @@ class LinearWithLoRA(nn.Module):
         return self.linear(x) + self.lora(x.to(self.lora.A.dtype)).to(x.dtype)
 
     @torch.no_grad()
-    def _add_update(self, sign: float) -> None:
-        """W <- W + sign * delta, summed in the wider of the two dtypes and rounded once."""
+    def _add_update(self, sign: float, scaling: float, A: torch.Tensor, B: torch.Tensor) -> None:
+        """W <- W + sign * scaling * (A @ B)^T, summed in the wider dtype and rounded once."""
         weight = self.linear.weight
-        wide = torch.promote_types(weight.dtype, self.lora.A.dtype)
-        weight.copy_(weight.to(wide) + sign * self.lora.delta_weight().to(wide))
+        wide = torch.promote_types(weight.dtype, A.dtype)
+        weight.copy_(weight.to(wide) + sign * (scaling * (A @ B).T).to(wide))
 
     def merge(self) -> None:
-        """Fold the update into the base weight: W <- W + scaling * (A @ B)^T. One matmul per call after."""
+        """Fold the update into the base weight: W <- W + scaling * (A @ B)^T. One matmul per call after.
+
+        Raises ValueError, changing nothing, if replace_linear_with_lora found the weight
+        shared with another tensor of the model (a tied weight), which merging would change too.
+        """
         if not self.merged:
-            self._add_update(1.0)
+            refuse_shared_weight(self)
+            A, B = self.lora.A.detach().clone(), self.lora.B.detach().clone()
+            self.merged_update = (self.lora.scaling, A, B)
+            self._add_update(1.0, *self.merged_update)
             self.merged = True
             self.merged_flag.fill_(True)
 
     def unmerge(self) -> None:
-        """Undo merge(): W <- W - scaling * (A @ B)^T, back to base plus a separate LoRA path."""
+        """Undo merge(): subtract the update merge() added, back to base plus a separate LoRA path."""
         if self.merged:
-            self._add_update(-1.0)
+            scaling, A, B = self.merged_update or (self.lora.scaling, self.lora.A, self.lora.B)
+            self._add_update(-1.0, scaling, A.to(self.lora.A.device), B.to(self.lora.B.device))
+            self.merged_update = None
             self.merged = False
             self.merged_flag.fill_(False)
 
@@ -204,6 +222,25 @@ class LinearWithLoRA(nn.Module):
 
     def extra_repr(self) -> str:
         return f"merged={self.merged}"
+
+
+def _remember_loaded_update(layer: LinearWithLoRA, incompatible_keys: object) -> None:
+    """After load_state_dict (children included): a merged layer holds the loaded A and B."""
+    merged = layer.merged
+    layer.merged_update = (
+        (layer.lora.scaling, layer.lora.A.detach().clone(), layer.lora.B.detach().clone())
+        if merged
+        else None
+    )
+
+
+def refuse_shared_weight(layer: nn.Module) -> None:
+    """Raise ValueError if layer.linear.weight still shares memory with a tensor in
+    layer.shared_with (recorded when the model was wrapped), which a merge would change too."""
+    mine = _memory(layer.linear.weight)
+    for name, tensor in layer.shared_with:
+        if _overlap(_memory(tensor), mine):
+            raise ValueError(_shared_message("this layer", name))
 
 
 def _matches(name: str, target: str) -> bool:
@@ -328,6 +365,7 @@ def wrap_linear_layers(
             built[name].train(linears[name].training)
     for name, layer in built.items():
         model.set_submodule(name, layer)
+    _record_shared_weights(model, built)
     for warning in caught:
         if not issubclass(warning.category, RankWarning):
             warnings.warn_explicit(
@@ -349,6 +387,16 @@ def wrap_linear_layers(
             stacklevel=3,
         )
     return model
+
+
+def _record_shared_weights(model: nn.Module, layers: dict[str, nn.Module]) -> None:
+    """Set each layer's shared_with: the model's other tensors whose memory overlaps its weight."""
+    tensors = [*model.named_parameters(remove_duplicate=False)]
+    tensors += [*model.named_buffers(remove_duplicate=False)]
+    memory = [(name, tensor, _memory(tensor)) for name, tensor in tensors]
+    for name, layer in layers.items():
+        own, mine = f"{name}.linear.weight", _memory(layer.linear.weight)
+        layer.shared_with = [(n, t) for n, t, m in memory if n != own and _overlap(m, mine)]
 
 
 def _targeted(name: str, targets: list[str]) -> bool:
@@ -447,11 +495,49 @@ def freeze(model: nn.Module) -> nn.Module:
     return model.requires_grad_(False)
 
 
+def _other_adapters(model: nn.Module) -> list[tuple[str, str]]:
+    """(name, class) of the layers that carry a LoRALayer but are not LinearWithLoRA."""
+    return [
+        (name, type(m).__name__)
+        for name, m in model.named_modules()
+        if isinstance(getattr(m, "lora", None), LoRALayer) and not isinstance(m, LinearWithLoRA)
+    ]
+
+
+_INSTEAD = {
+    "LinearWithDoRA": "lora_helpers.dora's merge_dora, mark_only_dora_as_trainable and "
+    "dora_layers (each layer has merge() and unmerge())",
+    "QuantizedLinearWithLoRA": "layer.lora for its A and B, and layer.merged_linear() for a "
+    "merged, dequantised nn.Linear (a 4-bit base cannot hold the update)",
+}
+
+
+def _refuse_other_adapters(model: nn.Module, action: str, allowed: tuple[str, ...] = ()) -> None:
+    """Raise ValueError if `model` has no LinearWithLoRA but has other adapters (DoRA, QLoRA)
+    that `action` would silently pass over; `allowed` names classes `action` handles."""
+    if any(True for _ in lora_layers(model)):
+        return
+    for name, kind in _other_adapters(model):
+        if kind not in allowed:
+            use = _INSTEAD.get(kind, f"the functions made for {kind}")
+            raise ValueError(
+                f"{action} works on LinearWithLoRA layers, but the model's adapters are {kind} "
+                f"(e.g. {name!r}), so it would do nothing: use {use}."
+            )
+
+
 def mark_only_lora_as_trainable(model: nn.Module) -> nn.Module:
-    """Freeze everything, then unfreeze the A and B of every LoRA layer; returns `model`."""
+    """Freeze everything, then unfreeze the A and B of every LoRA layer; returns `model`.
+
+    LoRA on a quantised base (quant.QuantizedLinearWithLoRA) counts as LoRA. Raises
+    ValueError for a model whose adapters are DoRA layers (their magnitude m would stay frozen).
+    """
+    _refuse_other_adapters(model, "mark_only_lora_as_trainable", ("QuantizedLinearWithLoRA",))
     freeze(model)
     for _, layer in lora_layers(model):
         layer.lora.requires_grad_(True)
+    for name, _ in _other_adapters(model):
+        model.get_submodule(name).lora.requires_grad_(True)
     return model
 
 
@@ -479,7 +565,11 @@ def count_parameters(model: nn.Module) -> ParameterCount:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the LoRA tensors of `model` ("<layer>.lora.A" and "<layer>.lora.B"), detached."""
+    """Only the LoRA tensors of `model` ("<layer>.lora.A" and "<layer>.lora.B"), detached.
+
+    Raises ValueError for a model whose adapters are all DoRA or QLoRA layers (it would be {}).
+    """
+    _refuse_other_adapters(model, "lora_state_dict")
     state = {}
     for name, layer in lora_layers(model):
         state[f"{name}.lora.A"] = layer.lora.A.detach()
@@ -490,6 +580,7 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy LoRA tensors into `model`; every key must match a LoRA layer of the same shape."""
     own = dict(_lora_parameters(model))
+    _refuse_other_adapters(model, "load_lora_state_dict")
     if not own:
         raise ValueError(
             "The model has no LoRA layers; call replace_linear_with_lora(model, rank, alpha, "
@@ -558,19 +649,24 @@ def check_unshared(model: nn.Module, layers: Iterable[tuple[str, nn.Module]]) ->
         mine = _memory(layer.linear.weight)
         others = [n for n, m in memory if n != own and _overlap(m, mine)]
         if others:
-            raise ValueError(
-                f"Not merging: the base weight of {name!r} shares its memory with "
-                f"{others[0]!r} (a tied or shared weight), so merging would change that too. "
-                "Leave the layer out of the targets, or untie it first: layer.linear.weight = "
-                "nn.Parameter(layer.linear.weight.detach().clone())."
-            )
+            raise ValueError(_shared_message(repr(name), others[0]))
+
+
+def _shared_message(layer: str, other: str) -> str:
+    return (
+        f"Not merging: the base weight of {layer} shares its memory with {other!r} (a tied or "
+        "shared weight), so merging would change that too. Leave the layer out of the targets, "
+        "or untie it first: layer.linear.weight = nn.Parameter(layer.linear.weight.detach().clone())."
+    )
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """merge() every LoRA layer of `model`; returns `model`.
 
-    Raises ValueError, before merging any layer, if a base weight is shared (check_unshared).
+    Raises ValueError, before merging any layer, if a base weight is shared (check_unshared),
+    or if the model's adapters are all DoRA or QLoRA layers, which it would pass over.
     """
+    _refuse_other_adapters(model, "merge_lora")
     layers = list(lora_layers(model))
     check_unshared(model, layers)
     for _, layer in layers:
@@ -579,7 +675,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
-    """unmerge() every LoRA layer of `model`; returns `model`."""
+    """unmerge() every LoRA layer of `model`; returns `model`. Raises ValueError as merge_lora."""
+    _refuse_other_adapters(model, "unmerge_lora")
     for _, layer in lora_layers(model):
         layer.unmerge()
     return model

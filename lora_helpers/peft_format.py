@@ -59,6 +59,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from .assets import writable_folder, write_atomically
+from .checks import positive_int
 from .gpt2 import GPTModel, gpt2_state_dict, to_classifier
 from .lora import (
     LinearWithLoRA,
@@ -651,8 +652,9 @@ def to_transformers(model: GPTModel, n_classes: int | None = None) -> nn.Module:
     classify_logits(model, ids) does (module docstring); feed it one row at a time.
     This is the base PeftModel.from_pretrained needs for an adapter of `model`.
 
-    Raises TypeError for a model that is not a GPTModel and ValueError for one on the meta
-    device or whose block layers carry adapters or 4 bits (see gpt2_state_dict).
+    Raises TypeError for a model that is not a GPTModel and ValueError for an n_classes
+    that is neither None nor a positive int, or a model on the meta device or whose block
+    layers carry adapters or 4 bits (see gpt2_state_dict).
     """
     import transformers  # a core dependency, imported here so that the module loads fast
 
@@ -660,6 +662,8 @@ def to_transformers(model: GPTModel, n_classes: int | None = None) -> nn.Module:
         raise TypeError(
             f"to_transformers takes a lora_helpers.gpt2.GPTModel, got {type(model).__name__}."
         )
+    if n_classes is not None:
+        positive_int("n_classes", n_classes, "or None for the language-model head")
     _refuse_meta(model)
     state = gpt2_state_dict(model)
     config = transformers_config(model.cfg, num_labels=n_classes or 2, pad_token_id=None)

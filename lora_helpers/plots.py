@@ -37,10 +37,19 @@ def plot_parameter_counts(d: int, k: int, rank: int) -> Figure:
 
 
 def plot_svd_errors(matrices: Mapping[str, torch.Tensor], rank: int) -> Figure:
-    """Relative error of the best rank-r approximation against r, one curve per named matrix."""
+    """Relative error of the best rank-r approximation against r, one curve per named matrix.
+
+    Raises ValueError unless rank is an int from 0 to the largest min(d, k) of the matrices.
+    """
+    curves = {name: svd_relative_errors(W).tolist() for name, W in matrices.items()}
+    top = max((len(errors) - 1 for errors in curves.values()), default=0)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= top:
+        raise ValueError(
+            f"rank must be an integer from 0 to {top} (the largest min(d, k) of the matrices), "
+            f"got {rank!r}."
+        )
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    for name, W in matrices.items():
-        errors = svd_relative_errors(W).tolist()
+    for name, errors in curves.items():
         (line,) = ax.plot(range(len(errors)), errors, label=name)
         if rank < len(errors):
             ax.plot([rank], [errors[rank]], "o", color=line.get_color())

@@ -23,6 +23,7 @@ tables report is used for nothing else.
 from __future__ import annotations
 
 import math
+import numbers
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -72,7 +73,16 @@ def spread(values: Sequence[float]) -> Spread:
 
 
 def clearly_lower(a: Spread, b: Spread) -> bool:
-    """True when every seed of `a` is below every seed of `b`: the ranges do not overlap."""
+    """True when every seed of `a` is below every seed of `b`: the ranges do not overlap.
+
+    Raises TypeError unless both are Spreads.
+    """
+    for value in (a, b):
+        if not isinstance(value, Spread):
+            raise TypeError(
+                f"Expected two Spreads, got a {type(value).__name__}; wrap the per-seed values "
+                "with protocol.spread(values)."
+            )
     return a.high < b.low
 
 
@@ -86,7 +96,10 @@ def verdict(
     *,
     higher_is_better: bool = False,
 ) -> str:
-    """One sentence comparing two spreads, honest about overlap (lower is better unless told)."""
+    """One sentence comparing two spreads, honest about overlap (lower is better unless told).
+
+    Raises TypeError unless `a` and `b` are Spreads (protocol.spread(values) makes one).
+    """
     word = "higher" if higher_is_better else "lower"
     first, second = (b, a) if higher_is_better else (a, b)
     if clearly_lower(first, second):
@@ -170,25 +183,47 @@ def tune(
     """Pick a learning rate on validation data, then run every seed at it.
 
     run(lr, seed) trains once and returns an object with a `val_loss` attribute (the
-    validation loss at its best step). Each learning rate of `lrs` is tried with the first
-    seed; the lowest validation loss wins (ties: the smaller learning rate), and the other
-    seeds then run at the pick. That is len(lrs) + len(seeds) - 1 runs.
+    validation loss at its best step) and, optionally, `best_step` (0: before training).
+    Each learning rate of `lrs` is tried with the first seed; the lowest validation loss wins
+    (ties: the smaller learning rate), and the other seeds then run at the pick. That is
+    len(lrs) + len(seeds) - 1 runs. A run whose best step is 0 never improved on the
+    untrained model (its learning rate is usually too large): it is never picked.
 
-    Raises ValueError for an empty grid, no seeds, or a run with a non-finite validation loss
-    at every learning rate.
+    Raises TypeError unless lrs is a sequence of numbers and seeds a sequence of ints.
+    Raises ValueError for an empty grid, no seeds, or when at every learning rate the run
+    has a non-finite validation loss or its best step is 0.
     """
+    if not _sequence_of(lrs, numbers.Real):
+        raise TypeError(f"lrs must be a sequence of learning rates, e.g. (1e-2,), got {lrs!r}.")
+    if not _sequence_of(seeds, numbers.Integral):
+        raise TypeError(f"seeds must be a sequence of ints, e.g. (0, 1, 2), got {seeds!r}.")
     if not lrs:
         raise ValueError("Give at least one learning rate to try, e.g. lrs=(3e-3, 1e-2, 3e-2).")
     if not seeds:
         raise ValueError("Give at least one seed; three or more show the spread.")
     first = {lr: run(lr, seeds[0]) for lr in lrs}
     scores = {lr: float(r.val_loss) for lr, r in first.items()}
-    finite = {lr: s for lr, s in scores.items() if math.isfinite(s)}
+    finite = {
+        lr: s
+        for lr, s in scores.items()
+        if math.isfinite(s) and getattr(first[lr], "best_step", None) != 0
+    }
     if not finite:
-        raise ValueError(f"{name}: every learning rate in {list(lrs)} diverged; try smaller ones.")
+        raise ValueError(
+            f"{name}: every learning rate in {list(lrs)} diverged or never improved on the "
+            "untrained model (best step 0); try smaller ones."
+        )
     best = min(finite, key=lambda lr: (finite[lr], lr))
     runs = [first[best], *(run(best, seed) for seed in seeds[1:])]
     return Tuned(name, best, scores, runs)
+
+
+def _sequence_of(values: object, kind: type) -> bool:
+    return (
+        isinstance(values, Sequence)
+        and not isinstance(values, str)
+        and all(isinstance(v, kind) and not isinstance(v, bool) for v in values)
+    )
 
 
 def table(rows: Sequence[Tuned], columns: dict[str, tuple[str, str, float]]) -> str:

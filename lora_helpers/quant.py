@@ -61,7 +61,17 @@ def max_error_fraction(scheme: str) -> float:
 
 
 def pack_4bit(codes: torch.Tensor) -> torch.Tensor:
-    """Codes 0..15, shape (n,) with n even -> uint8 (n // 2,): code 2i in the low 4 bits, 2i+1 high."""
+    """Codes 0..15, shape (n,) with n even -> uint8 (n // 2,): code 2i in the low 4 bits, 2i+1 high.
+
+    Raises TypeError for anything but an integer tensor, ValueError for another shape or a
+    code outside 0..15.
+    """
+    if not isinstance(codes, torch.Tensor) or not _is_integer(codes.dtype):
+        what = codes.dtype if isinstance(codes, torch.Tensor) else type(codes).__name__
+        raise TypeError(
+            f"pack_4bit takes a tensor of integer codes 0..15, got {what}; pass the codes "
+            "quantize_4bit computes (or round and cast them: codes.round().long())."
+        )
     if codes.ndim != 1 or codes.numel() % 2:
         raise ValueError(
             f"pack_4bit takes a flat tensor with an even number of codes, got shape "
@@ -71,6 +81,10 @@ def pack_4bit(codes: torch.Tensor) -> torch.Tensor:
         raise ValueError("4-bit codes must lie in 0..15; these do not fit in 4 bits.")
     codes = codes.to(torch.uint8)
     return codes[0::2] | (codes[1::2] << 4)
+
+
+def _is_integer(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 
 
 def unpack_4bit(packed: torch.Tensor) -> torch.Tensor:
@@ -107,7 +121,16 @@ class Quantized4bit:
 
 
 def quantize_4bit(weight: torch.Tensor, block_size: int = 64, scheme: str = "nf4") -> Quantized4bit:
-    """Quantise `weight` (any shape, numel a multiple of block_size) blockwise to 4-bit codes."""
+    """Quantise `weight` (any shape, numel a multiple of block_size) blockwise to 4-bit codes.
+
+    Raises TypeError if `weight` is not a tensor (for a layer use QuantizedLinear), ValueError
+    for a bad block size or scheme, a numel that block_size does not divide, or inf / NaN.
+    """
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(
+            f"quantize_4bit takes a weight tensor, got {type(weight).__name__}; pass "
+            "layer.weight, or use QuantizedLinear(layer) to quantise an nn.Linear."
+        )
     levels = levels_for(scheme).to(weight.device)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
         raise ValueError(f"block_size must be an integer >= 2, got {block_size!r}; 64 is usual.")
@@ -133,7 +156,19 @@ def quantize_4bit(weight: torch.Tensor, block_size: int = 64, scheme: str = "nf4
 
 
 def dequantize_4bit(q: Quantized4bit, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Back to a dense tensor of shape q.shape: levels[code] * absmax of the code's block."""
+    """Back to a dense tensor of shape q.shape: levels[code] * absmax of the code's block.
+
+    Raises TypeError unless `q` is a Quantized4bit and `dtype` a floating torch.dtype.
+    """
+    if not isinstance(q, Quantized4bit):
+        raise TypeError(
+            f"dequantize_4bit takes a Quantized4bit (what quantize_4bit returns), got "
+            f"{type(q).__name__}; quantise the weight first: dequantize_4bit(quantize_4bit(w))."
+        )
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(
+            f"dtype must be a floating torch.dtype such as torch.float32, got {dtype!r}."
+        )
     levels = levels_for(q.scheme).to(q.packed.device)
     values = levels[unpack_4bit(q.packed).long()].view(-1, q.block_size) * q.absmax[:, None]
     return values.view(q.shape).to(dtype)
@@ -226,8 +261,10 @@ class QuantizedLinearWithLoRA(nn.Module):
 def quantize_linears(module: nn.Module, block_size: int = 64, scheme: str = "nf4") -> nn.Module:
     """Replace every nn.Linear inside `module` (in place) by a frozen QuantizedLinear; returns it.
 
-    Raises ValueError, before changing anything, if a LoRA or DoRA layer holds one of them:
-    quantise the base first, then add LoRA with add_lora_to_quantized.
+    Raises ValueError, before changing anything: if a LoRA or DoRA layer holds one of them
+    (quantise the base first, then add LoRA with add_lora_to_quantized), if there is no
+    nn.Linear (or the module is quantised already), or if any layer cannot be quantised
+    (quantize_4bit's errors, naming the layer).
     """
     adapted = [n for n, m in module.named_modules() if is_adapter(m)]
     if adapted:
@@ -238,23 +275,47 @@ def quantize_linears(module: nn.Module, block_size: int = 64, scheme: str = "nf4
             "Quantise the base first, then add LoRA with add_lora_to_quantized."
         )
     linears = [(n, m) for n, m in module.named_modules() if n and isinstance(m, nn.Linear)]
+    if not linears and any(isinstance(m, QuantizedLinear) for m in module.modules()):
+        raise ValueError(
+            f"{type(module).__name__} is quantised already: it holds no nn.Linear layer to "
+            "quantise, only QuantizedLinear ones; call quantize_linears once per model."
+        )
     if not linears:
         raise ValueError(
             f"{type(module).__name__} holds no nn.Linear layer to quantise; for a single layer "
             "use QuantizedLinear(linear)."
         )
+    built = {}  # every layer first, so that an error leaves the module as it was
     for name, linear in linears:
-        module.set_submodule(name, QuantizedLinear(linear, block_size, scheme))
+        try:
+            built[name] = QuantizedLinear(linear, block_size, scheme)
+        except ValueError as error:
+            raise ValueError(f"Layer {name!r}: {error}") from None
+    for name, layer in built.items():
+        module.set_submodule(name, layer)
     return module
 
 
 def add_lora_to_quantized(
     module: nn.Module, rank: int, alpha: float, *, dropout: float = 0.0, rslora: bool = False
 ) -> nn.Module:
-    """Wrap every QuantizedLinear inside `module` (in place) in a QuantizedLinearWithLoRA; returns it."""
+    """Wrap every QuantizedLinear inside `module` (in place) in a QuantizedLinearWithLoRA; returns it.
+
+    Freezes nothing: the new A and B train, and so does every other parameter of `module`
+    that did before (embeddings, norms, layers left in float). To train only A and B, call
+    lora.freeze(module) first (the 4-bit weights are buffers and never train).
+    Raises ValueError, before changing anything, if there is no QuantizedLinear (call
+    quantize_linears first) or every one carries LoRA already, and for a bad rank or alpha.
+    """
     found = [(n, m) for n, m in module.named_modules() if n and isinstance(m, QuantizedLinear)]
     wrapped = {id(m.base) for m in module.modules() if isinstance(m, QuantizedLinearWithLoRA)}
     found = [(n, m) for n, m in found if id(m) not in wrapped]
+    if not found and wrapped:
+        raise ValueError(
+            f"{type(module).__name__} holds no unwrapped QuantizedLinear: each one already "
+            "carries LoRA (a QuantizedLinearWithLoRA); add LoRA once, to a fresh copy of the "
+            "quantised model."
+        )
     if not found:
         raise ValueError(
             f"{type(module).__name__} holds no unwrapped QuantizedLinear; call "

@@ -1,4 +1,4 @@
-"""Small, fast experiments behind notebooks 06 and 07: a tiny transformer, a task family, LoRA runs.
+"""Small, fast experiments behind notebooks 06-08: a tiny transformer, a task family, LoRA runs.
 
 The tasks: a sequence of CONTEXT random tokens from a VOCAB-token alphabet; at each position t
 the model predicts the token `shift` places back, with some pairs of tokens renamed (swapped).
@@ -76,6 +76,7 @@ class Task:
     """Predict the token `shift` places back, with token pairs (2i, 2i+1) for i in `pairs` swapped.
 
     noise: fraction of training targets replaced by a random token (held-out sets are clean).
+    Raises ValueError for a shift, pairs or noise outside these ranges or of another type.
     """
 
     shift: int = 1
@@ -83,16 +84,22 @@ class Task:
     noise: float = 0.0
 
     def __post_init__(self) -> None:
-        if not 1 <= self.shift < CONTEXT:
-            raise ValueError(f"shift must be in 1..{CONTEXT - 1}, got {self.shift!r}.")
-        bad = [p for p in self.pairs if not 0 <= p < VOCAB // 2]
-        if bad or len(set(self.pairs)) != len(self.pairs):
+        if not _is_int(self.shift) or not 1 <= self.shift < CONTEXT:
+            raise ValueError(f"shift must be in 1..{CONTEXT - 1}, an integer, got {self.shift!r}.")
+        pairs = self.pairs
+        if (
+            not isinstance(pairs, Sequence)
+            or isinstance(pairs, str)
+            or not all(_is_int(p) and 0 <= p < VOCAB // 2 for p in pairs)
+            or len(set(pairs)) != len(pairs)
+        ):
             raise ValueError(
-                f"pairs must be distinct integers in 0..{VOCAB // 2 - 1} (pair i swaps tokens "
-                f"2i and 2i+1), got {self.pairs!r}."
+                f"pairs must be distinct integers in 0..{VOCAB // 2 - 1}, as a tuple such as "
+                f"(0, 1) (pair i swaps tokens 2i and 2i+1), got {self.pairs!r}."
             )
-        if not 0.0 <= self.noise < 1.0:
-            raise ValueError(f"noise must be in [0, 1), got {self.noise!r}.")
+        noise = self.noise
+        if isinstance(noise, bool) or not isinstance(noise, int | float) or not 0 <= noise < 1:
+            raise ValueError(f"noise must be in [0, 1), a number, got {noise!r}.")
 
     def relabel(self) -> torch.Tensor:
         """The renaming as a lookup table, shape (VOCAB,): token -> target token."""
@@ -100,6 +107,10 @@ class Task:
         for p in self.pairs:
             table[2 * p], table[2 * p + 1] = 2 * p + 1, 2 * p
         return table
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 #: Pretraining: copy the previous token.
@@ -188,13 +199,52 @@ class TinyTransformer(nn.Module):
 
 
 def loss_and_accuracy(model: nn.Module, data: Data) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy over the positions that have a target."""
+    """Mean cross-entropy and accuracy over the positions that have a target.
+
+    Raises TypeError unless `data` is a Data (one split, e.g. splits.test).
+    """
+    _check_data(data, "data")
     with torch.no_grad():
         logits = model(data.x)
     mask = data.y != IGNORE
     loss = F.cross_entropy(logits[mask], data.y[mask]).item()
     accuracy = (logits.argmax(-1)[mask] == data.y[mask]).double().mean().item()
     return loss, accuracy
+
+
+def _check_data(data: object, name: str) -> None:
+    if not isinstance(data, Data):
+        pick = "; pick one split, e.g. data.test" if isinstance(data, Splits) else ""
+        raise TypeError(
+            f"{name} must be a Data (token sequences and targets), got a "
+            f"{type(data).__name__}{pick}."
+        )
+
+
+def _check_splits(data: object) -> None:
+    if not isinstance(data, Splits):
+        one = isinstance(data, Data)
+        raise TypeError(
+            f"data must be the Splits (train, val, test) of make_splits, got a "
+            f"{type(data).__name__}; pass the whole make_splits(...) result"
+            f"{', not one split' if one else ''}."
+        )
+
+
+def _check_lr(lr: object) -> None:
+    if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr < math.inf:
+        raise ValueError(f"lr must be a positive number such as 1e-2, got {lr!r}.")
+
+
+def _plain_linear(model: nn.Module, key: str) -> nn.Linear:
+    """The nn.Linear of layer `key` ("Q", ...); ValueError if it is wrapped (LoRA) or missing."""
+    layer = model.get_submodule(module_names([key])[0])
+    if not isinstance(layer, nn.Linear):
+        raise ValueError(
+            f"Layer {key!r} is a {type(layer).__name__}, not a plain nn.Linear; pass the base "
+            "model without LoRA (the one lora_run copies)."
+        )
+    return layer
 
 
 @dataclass
@@ -234,8 +284,13 @@ def train(
     one, and a copy of the trainable parameters at the step where it was lowest is kept in
     the returned Curves (early stopping, protocol rule 3; `curves.best.restore()` puts them
     back).
-    Raises ValueError if nothing in the model is trainable.
+    Raises ValueError if nothing in the model is trainable or for a bad lr or count, TypeError
+    unless data and val are Data.
     """
+    _check_data(data, "data")
+    if val is not None:
+        _check_data(val, "val")
+    _check_lr(lr)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("The model has no trainable parameters; add LoRA or unfreeze some first.")
@@ -385,6 +440,11 @@ class Run:
     heldout_accuracy: float
     last_heldout_loss: float
 
+    @property
+    def best_step(self) -> int:
+        """The step kept (0: before training, when no step improved the validation loss)."""
+        return self.curves.best_step
+
 
 def train_run(
     model: nn.Module,
@@ -399,7 +459,9 @@ def train_run(
     """Train the trainable parameters of `model` in place with early stopping on data.val.
 
     Trains in train mode and measures in eval mode; the model's modes are restored after.
+    Raises TypeError unless `data` is a Splits, and train's errors.
     """
+    _check_splits(data)
     with restored_modes(model):
         model.train()
         curves = train(
@@ -437,7 +499,12 @@ def lora_run(
     seed: int = 0,
     eval_every: int = 10,
 ) -> Run:
-    """Fine-tune a copy of `base` with LoRA on `targets` (short names); `base` is not touched."""
+    """Fine-tune a copy of `base` with LoRA on `targets` (short names); `base` is not touched.
+
+    Raises TypeError unless `data` is a Splits, ValueError for a bad rule, rank, alpha or lr.
+    """
+    _check_splits(data)
+    _check_lr(lr)
     scaling_of(rank, alpha, rule)  # checks the rule
     model = copy.deepcopy(base)
     torch.manual_seed(seed)
@@ -459,10 +526,19 @@ def full_finetune_run(
     seed: int = 0,
     eval_every: int = 10,
 ) -> Run:
-    """Train every entry of the weight matrices `targets` of a copy of `base` (biases stay frozen)."""
+    """Train every entry of the weight matrices `targets` of a copy of `base` (biases stay frozen).
+
+    Raises TypeError unless `data` is a Splits, ValueError for a bad lr or a target layer that
+    is not a plain nn.Linear (a base that carries LoRA).
+    """
+    _check_splits(data)
+    _check_lr(lr)
+    module_names(targets)  # known names, at least one
+    for key in targets:
+        _plain_linear(base, key)
     model = copy.deepcopy(base).requires_grad_(False)
-    for name in module_names(targets):
-        model.get_submodule(name).weight.requires_grad_(True)
+    for key in targets:
+        _plain_linear(model, key).weight.requires_grad_(True)
     return train_run(
         model,
         data,
@@ -527,7 +603,13 @@ def sweep_rank_alpha(
     lr: float = 1e-2,
     seeds: Sequence[int] = SEEDS,
 ) -> list[Sweep]:
-    """One LoRA run (Q, K, V, O) per (rank, alpha, seed) and rule; runs with equal scaling are shared."""
+    """One LoRA run (Q, K, V, O) per (rank, alpha, seed) and rule; runs with equal scaling are shared.
+
+    Raises ValueError if ranks, alphas, rules or seeds is empty, and lora_run's errors.
+    """
+    for name, values in (("ranks", ranks), ("alphas", alphas), ("rules", rules), ("seeds", seeds)):
+        if len(values) == 0:
+            raise ValueError(f"{name} is empty; give at least one value to sweep.")
     done: dict[tuple[int, float, int], Run] = {}  # at rank 1 both rules give the same run
     sweeps = []
     for rule in rules:
@@ -579,7 +661,14 @@ def best_alphas(sweep: Sweep) -> list[str]:
 
 
 def plot_sweeps(sweeps: Sequence[Sweep]) -> plt.Figure:
-    """Heat maps of mean training loss (top row) and held-out loss (bottom row) over seeds, one column per rule."""
+    """Heat maps of mean training loss (top row) and held-out loss (bottom row) over seeds, one column per rule.
+
+    Raises ValueError for no sweeps or a sweep without ranks or alphas.
+    """
+    if not sweeps or any(s.heldout_loss.numel() == 0 for s in sweeps):
+        raise ValueError(
+            "Nothing to plot: give sweep_rank_alpha's sweeps, with at least one rank and alpha."
+        )
     fig, axes = plt.subplots(
         2, len(sweeps), figsize=(4.2 * len(sweeps), 5.6), squeeze=False, layout="constrained"
     )
@@ -671,18 +760,34 @@ def budget_ranks(budget: int, target_sets: dict[str, list[str]] = TARGET_SETS) -
     """The LoRA rank that spends exactly `budget` parameters on each target set.
 
     Every linear layer is D_MODEL x D_MODEL, so rank r on k of them costs r * k * 2 * D_MODEL.
+    Raises ValueError for a budget that is not a positive integer, that does not divide into
+    whole ranks for every set, or that gives a set a rank above D_MODEL; TypeError unless
+    target_sets is a dict of name -> list of short layer names (as TARGET_SETS).
     """
-    ranks = {}
-    for name, keys in target_sets.items():
-        per_rank = len(module_names(keys)) * 2 * D_MODEL
-        if budget % per_rank or not 1 <= budget // per_rank <= D_MODEL:
+    positive_int("budget", budget, "it is a number of parameters, e.g. 768")
+    if not isinstance(target_sets, dict) or any(
+        isinstance(keys, str) or not isinstance(keys, Sequence) for keys in target_sets.values()
+    ):
+        raise TypeError(
+            "target_sets must be a dict of name -> list of short layer names, e.g. "
+            f"{{'Q+V': ['Q', 'V']}} as in studies.TARGET_SETS, got {target_sets!r}."
+        )
+    costs = {name: len(module_names(keys)) * 2 * D_MODEL for name, keys in target_sets.items()}
+    whole = math.lcm(*costs.values())
+    for name, per_rank in costs.items():
+        if budget % per_rank:
             raise ValueError(
                 f"A budget of {budget} parameters does not give {name!r} a whole rank between 1 "
-                f"and {D_MODEL} (one rank costs {per_rank}); use a multiple of "
-                f"{math.lcm(*(len(k) * 2 * D_MODEL for k in target_sets.values()))}."
+                f"and {D_MODEL} (one rank costs {per_rank}); use a multiple of {whole}."
             )
-        ranks[name] = budget // per_rank
-    return ranks
+    for name, per_rank in costs.items():
+        if budget // per_rank > D_MODEL:
+            raise ValueError(
+                f"A budget of {budget} parameters gives {name!r} rank {budget // per_rank}, above "
+                f"{D_MODEL}, the most a {D_MODEL} x {D_MODEL} layer can use; use a multiple of "
+                f"{whole} up to {D_MODEL * min(costs.values())}."
+            )
+    return {name: budget // per_rank for name, per_rank in costs.items()}
 
 
 def compare_targets(
@@ -720,7 +825,17 @@ def compare_targets(
 
 
 def targets_table(results: Sequence[Tuned], target_sets: dict[str, list[str]] = TARGET_SETS) -> str:
-    """compare_targets' results: rank, parameters, lr, and test loss and accuracy over seeds."""
+    """compare_targets' results: rank, parameters, lr, and test loss and accuracy over seeds.
+
+    `target_sets` must be the one compare_targets was given; ValueError for a result whose
+    name is not in it.
+    """
+    unknown = [t.name for t in results if t.name not in target_sets]
+    if unknown:
+        raise ValueError(
+            f"{unknown[0]!r} is not in target_sets; pass targets_table the same target_sets "
+            "that compare_targets was given."
+        )
     rows = [
         [
             t.name,
@@ -762,8 +877,22 @@ def weight_deltas(
 
 
 def energy_in_top(singular_values: torch.Tensor, r: int) -> float:
-    """Fraction of ||dW||_F^2 in the top r singular values: sum(s[:r]^2) / sum(s^2)."""
-    energy = singular_values.double() ** 2
+    """Fraction of ||dW||_F^2 in the top r singular values: sum(s[:r]^2) / sum(s^2).
+
+    `singular_values`: 1-D and descending, as torch.linalg.svdvals(dW) returns them.
+    Raises ValueError for other input, an r that is not a positive integer, or a zero dW
+    (all singular values 0: there is no update to share out).
+    """
+    s = singular_values
+    if not isinstance(s, torch.Tensor) or s.ndim != 1 or (s[1:] > s[:-1]).any():
+        raise ValueError(
+            "energy_in_top takes the singular values of dW, 1-D and descending; pass "
+            "torch.linalg.svdvals(dW), not dW itself."
+        )
+    positive_int("r", r, "the number of top singular values to count")
+    energy = s.double() ** 2
+    if energy.sum() == 0:
+        raise ValueError("dW is zero (every singular value is 0): this layer's update is empty.")
     return (energy[:r].sum() / energy.sum()).item()
 
 
@@ -776,18 +905,33 @@ def best_rank_approx(delta: torch.Tensor, r: int) -> torch.Tensor:
 
 
 def with_deltas(base: nn.Module, deltas: dict[str, torch.Tensor]) -> nn.Module:
-    """A copy of `base` with W += dW on each layer key of `deltas`."""
+    """A copy of `base` with W += dW on each layer key of `deltas`.
+
+    Raises ValueError for a dW of another shape than its weight (no broadcasting) or a layer
+    that is not a plain nn.Linear (a base that carries LoRA).
+    """
+    for key, delta in deltas.items():
+        weight = _plain_linear(base, key).weight
+        if not isinstance(delta, torch.Tensor) or delta.shape != weight.shape:
+            shape = tuple(delta.shape) if isinstance(delta, torch.Tensor) else type(delta).__name__
+            raise ValueError(
+                f"dW of {key!r} must have the weight's shape {tuple(weight.shape)}, got {shape}."
+            )
     model = copy.deepcopy(base)
     with torch.no_grad():
         for key, delta in deltas.items():
-            model.get_submodule(module_names([key])[0]).weight += delta
+            _plain_linear(model, key).weight += delta
     return model
 
 
 def evaluate_truncated(
     base: nn.Module, deltas: dict[str, torch.Tensor], heldout: Data, ranks: Sequence[int]
 ) -> list[tuple[float, float]]:
-    """(held-out loss, accuracy) of base + every dW cut to its best rank-r approximation, per r."""
+    """(held-out loss, accuracy) of base + every dW cut to its best rank-r approximation, per r.
+
+    Raises TypeError unless `heldout` is a Data (e.g. data.test).
+    """
+    _check_data(heldout, "heldout")
     return [
         loss_and_accuracy(
             with_deltas(base, {k: best_rank_approx(d, r) for k, d in deltas.items()}), heldout

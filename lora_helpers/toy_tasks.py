@@ -201,6 +201,11 @@ class LoRAFit:
         return self.run.val_loss
 
     @property
+    def best_step(self) -> int:
+        """The step kept (0: training never improved on the start; protocol.tune skips it)."""
+        return self.run.best_step
+
+    @property
     def peak_ratio(self) -> float:
         return self.run.peak_ratio
 
@@ -303,8 +308,11 @@ def train_copy_task(
 
     Training batches are fresh random sequences from generator `seed`; the validation loss
     is measured every `eval_every` steps on `val_sequences` sequences from VALIDATION_SEED,
-    and the model ends with the parameters of its best validation step.
+    and the model ends with the parameters of its best validation step. Raises ValueError
+    for a batch_size or val_sequences below 1.
     """
+    positive_int("batch_size", batch_size)
+    positive_int("val_sequences", val_sequences)
     vocab_size, context_length = model.tok_emb.num_embeddings, model.pos_emb.num_embeddings
     g = torch.Generator().manual_seed(seed)
     val_data = _copy_data(model, val_sequences, offset, VALIDATION_SEED)
@@ -349,6 +357,11 @@ class CopyAdaptation:
     def val_loss(self) -> float:
         return self.run.val_loss
 
+    @property
+    def best_step(self) -> int:
+        """The step kept (0: training never improved on the start; protocol.tune skips it)."""
+        return self.run.best_step
+
 
 def adapt_copy_model(
     pretrained: CopyModel,
@@ -366,8 +379,10 @@ def adapt_copy_model(
     which: the projections to adapt ("qv", "qkvo", ...; see attention.add_lora_to_attention),
     each at `rank` with alpha = 2 * rank. `seed` draws the LoRA A matrices and the training
     batches; the run is early-stopped on validation data and scored on the test set
-    (copy_loss, copy_accuracy). `pretrained` is left alone.
+    (copy_loss, copy_accuracy). `pretrained` is left alone. Raises ValueError for a
+    batch_size below 1.
     """
+    positive_int("batch_size", batch_size)
     model = copy.deepcopy(pretrained)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -40,9 +40,9 @@ from tqdm.auto import tqdm
 from . import protocol
 from .adapters import save_adapter
 from .assets import checkout, data_dir, writable_folder, write_atomically
-from .checks import is_positive_int, positive_int
+from .checks import dropout_probability, is_positive_int, positive_int
 from .data import LABELS, Loaders, encode
-from .gpt2 import GPT2Source, classify_logits, dropout_probability, set_dropout
+from .gpt2 import GPT2Source, classify_logits, set_dropout
 from .lora import (
     check_rank_alpha,
     count_parameters,

@@ -523,3 +523,8 @@ def test_a_refused_load_with_suffix_targets_unwraps_everything_it_wrapped(tmp_pa
     with pytest.raises(ValueError, match="do not fit"):
         load_adapter(model, folder)
     assert_unchanged(model, before)
+
+
+def test_forward_latency_refuses_repeats_below_one():
+    with pytest.raises(ValueError, match="repeats must be a positive integer"):
+        forward_latency(base_model(), IDS, repeats=0)

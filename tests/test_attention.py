@@ -122,3 +122,25 @@ def test_add_lora_to_attention_passes_lora_options_on():
     model = add_lora_to_attention(TwoLayers(), "q", rank=4, alpha=8, rslora=True)
     layer = model.layers[0].W_query.lora
     assert layer.scaling == 8 / 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_heads": 0}, "num_heads must be a positive integer"),
+        ({"num_heads": -1}, "num_heads must be a positive integer"),
+        ({"d_out": 0}, "d_out must be a positive integer"),
+        ({"context_length": 0}, "context_length must be a positive integer"),
+        ({"dropout": 1.5}, r"dropout must be a number in \[0, 1\)"),
+    ],
+)
+def test_construction_refuses_bad_sizes_and_dropout(kwargs, message):
+    args = {"d_in": 64, "d_out": 64, "context_length": 8, "dropout": 0.0, "num_heads": 8}
+    with pytest.raises(ValueError, match=message):
+        MultiHeadAttention(**{**args, **kwargs})
+
+
+def test_forward_without_a_batch_dimension_names_the_fix():
+    att = MultiHeadAttention(64, 64, 8, 0.0, num_heads=8)
+    with pytest.raises(ValueError, match=r"\(batch, tokens, d_in\).*unsqueeze\(0\)"):
+        att(torch.randn(8, 64))

@@ -26,7 +26,8 @@ HAS_PEFT = importlib.util.find_spec("peft") is not None
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """`python -m lora_helpers.bench` at the tiny size, as CI runs it: (JSON, output folder)."""
+    """`python -m lora_helpers.bench` at the tiny size, as CI runs it: (JSON, output folder,
+    stdout, stderr)."""
     out = tmp_path_factory.mktemp("bench")
     command = [sys.executable, "-m", "lora_helpers.bench", "--size", "tiny", "--batch", "2"]
     command += ["--tokens", "16", "--steps", "2", "--device", "cpu", "--no-progress"]
@@ -39,11 +40,11 @@ def tiny_run(tmp_path_factory):
         timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    return json.loads((out / "bench-cpu-tiny.json").read_text()), out, done.stdout
+    return json.loads((out / "bench-cpu-tiny.json").read_text()), out, done.stdout, done.stderr
 
 
 def test_the_json_has_the_issues_shape(tiny_run):
-    result, _, _ = tiny_run
+    result, _, _, _ = tiny_run
     assert {"device", "size", "batch", "tokens", "modes", "inference"} <= set(result)
     assert (result["device"], result["size"], result["batch"], result["tokens"]) == (
         "cpu",
@@ -66,7 +67,7 @@ def test_the_json_has_the_issues_shape(tiny_run):
 
 
 def test_the_ratios_are_finite(tiny_run):
-    result, _, _ = tiny_run
+    result, _, _, _ = tiny_run
     ratios = bench.ratios(result)
     if not HAS_PEFT:
         ratios.pop("lora / peft-lora step time")
@@ -89,7 +90,7 @@ def test_trainable_parameters_and_checkpoints_match_hand_counts(tiny_run):
 
 
 def test_it_writes_a_png_and_no_partial_files_and_prints_the_accounting(tiny_run):
-    _, out, stdout = tiny_run
+    _, out, stdout, _ = tiny_run
     assert sorted(p.name for p in out.iterdir()) == ["bench-cpu-tiny.json", "bench-cpu-tiny.png"]
     assert (out / "bench-cpu-tiny.png").read_bytes().startswith(b"\x89PNG")
     assert "FLOPs per token: full 6N" in stdout
@@ -109,6 +110,10 @@ def test_a_plot_that_fails_writes_neither_file(tiny_run, tmp_path, monkeypatch):
         (["--size", "tiny", "--tokens", "999"], "context length 64"),
         (["--size", "tiny", "--steps", "0"], "steps must be a positive integer, got 0"),
         (["--size", "gpt2-huge"], "invalid choice"),
+        (["--size", "tiny", "--rank", "0"], "rank must be a positive integer, got 0"),
+        (["--size", "tiny", "--rank", "-3"], "rank must be a positive integer, got -3"),
+        (["--size", "tiny", "--alpha", "0"], "alpha is 0"),
+        (["--size", "tiny", "--alpha", "nan"], "alpha must be a finite number, got nan"),
     ],
 )
 def test_bad_arguments_stop_before_any_work(argv, message, tmp_path, capsys):
@@ -117,6 +122,35 @@ def test_bad_arguments_stop_before_any_work(argv, message, tmp_path, capsys):
     assert stop.value.code == 2
     assert message in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_an_out_that_is_a_file_stops_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "run", lambda *args, **kwargs: pytest.fail("ran"))
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--size", "tiny", "--out", str(tmp_path / "file")])
+    assert stop.value.code == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_the_help_shows_the_defaults():
+    text = bench.build_parser().format_help()
+    for default in ("gpt2-small", "(default: 8)", "(default: 64)", "(default: 5)", "(default: 16)"):
+        assert default in text
+
+
+def test_no_runtime_warning_from_running_the_module_in_worker_processes(tiny_run):
+    assert "found in sys.modules" not in tiny_run[3], tiny_run[3]
+
+
+def test_the_summary_prints_only_the_ratios_whose_modes_ran(tiny_run):
+    result = tiny_run[0]
+    text = bench.summary({**result, "modes": {"lora": result["modes"]["lora"]}})
+    assert "step time" not in text
+    assert "nan" not in text
+    assert "merged / base inference" in text
+    assert "lora / full step time" in bench.summary(result)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

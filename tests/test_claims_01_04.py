@@ -247,3 +247,7 @@ def test_the_tutorials_wrapper_leaves_the_linear_trainable_and_scales_by_alpha()
         wrapped.B.fill_(1.0)
     x = torch.randn(3, 8)
     assert torch.allclose(wrapped(x) - wrapped.linear(x), 16 * x @ wrapped.A @ wrapped.B)
+
+
+def test_llama_count_takes_a_single_str_as_one_target(llama_counts):
+    assert llama_lora_count("q_proj").trainable == llama_counts["qv"] // 2 == 2_097_152

@@ -180,3 +180,32 @@ def test_tiny_dataset_with_the_gpt2_tokenizer(gpt2_tokenizer):
     assert ids.dtype == torch.long
     assert set(labels.tolist()) <= {0, 1}
     assert (ids == data.PAD_ID).any()  # shorter messages are padded
+
+
+def test_encode_refuses_a_single_string():
+    with pytest.raises(TypeError, match=r"pass \[text\]"):
+        data.encode("hello", CharTokenizer())
+
+
+@pytest.mark.parametrize("fractions", [(0.6, 0.2, 0.1), 0.7, (0.7,), ("a", 0.1)])
+def test_split_refuses_anything_but_two_fractions(fractions):
+    with pytest.raises(ValueError, match=r"two numbers \(train, val\)"):
+        data.split([("a", 0)] * 10, fractions)
+
+
+@pytest.mark.parametrize("sizes", [(-5, 2, 2), (5, 2), (1.5, 2, 2), 3])
+def test_subset_refuses_bad_sizes(sizes):
+    splits = data.Splits([("a", 0)] * 70, [("b", 1)] * 10, [("c", 0)] * 20)
+    with pytest.raises(ValueError, match="three non-negative ints"):
+        data.subset(splits, sizes)
+    assert [len(p) for p in data.subset(splits, [5, 2, 0])] == [5, 2, 0]
+
+
+def test_balance_refuses_no_rows():
+    with pytest.raises(ValueError, match="at least one row"):
+        data.balance([])
+
+
+def test_make_loaders_refuses_rows_instead_of_splits():
+    with pytest.raises(TypeError, match=r"call make_loaders\(split\(rows\)"):
+        data.make_loaders([("a", 0)] * 10, CharTokenizer())

@@ -240,3 +240,27 @@ def test_the_exact_gradient_is_the_true_derivative():
         numeric = (up - down) / (2 * eps)
         analytic = (layer.lora.B.grad * direction).sum()
         assert torch.isclose(numeric, analytic, rtol=1e-5).item() == exact
+
+
+def test_unmerge_restores_the_weight_even_if_m_a_and_b_changed_while_merged():
+    torch.manual_seed(0)
+    linear = nn.Linear(16, 8)
+    original = linear.weight.detach().clone()
+    dora = trained_like(LinearWithDoRA(linear, rank=4, alpha=8))
+    dora.merge()
+    with torch.no_grad():
+        dora.m.mul_(3)
+        dora.lora.B.add_(1)
+    dora.unmerge()
+    assert torch.allclose(linear.weight, original, atol=1e-5)
+
+
+def test_merging_a_dora_layer_whose_weight_is_tied_is_refused():
+    model = nn.ModuleDict({"tok_emb": nn.Embedding(10, 4), "out_head": nn.Linear(4, 10)})
+    model.out_head.weight = model.tok_emb.weight
+    replace_linear_with_dora(model, rank=2, alpha=4)
+    weight = model.tok_emb.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"shares its memory with 'tok_emb\.weight'"):
+        model.out_head.merge()
+    assert not model.out_head.merged
+    assert torch.equal(model.tok_emb.weight, weight)

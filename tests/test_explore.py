@@ -11,6 +11,7 @@ from lora_helpers.explore import (
     BriefTraining,
     ParameterComparison,
     brief_training,
+    first_steps,
     lora_layer_arguments,
     lora_parameter_counts,
     lora_scaling,
@@ -193,3 +194,21 @@ def test_update_size_rejects_bad_input():
         update_size_after_training(4, 8, steps=0)
     with pytest.raises(ValueError, match="rank 65 is larger than min"):
         update_size_after_training(65, 8)
+
+
+def test_brief_training_names_a_bad_width():
+    with pytest.raises(ValueError, match="in_dim must be a positive integer"):
+        brief_training(4, 8, in_dim=0)
+    with pytest.raises(ValueError, match="out_dim must be a positive integer"):
+        brief_training(4, 8, out_dim=-1)
+    with pytest.raises(ValueError, match="dim must be a positive integer"):
+        first_steps("paper", 4, 4, dim=0)
+
+
+def test_truncated_svd_accepts_an_integer_matrix_as_svd_relative_errors_does():
+    W = torch.tensor([[1, 2], [3, 4]])
+    approx = truncated_svd(W, 1)
+    exact = truncated_svd(W.float(), 1)
+    assert approx.dtype == torch.float32
+    torch.testing.assert_close(approx, exact)
+    assert svd_relative_errors(W).shape == (3,)

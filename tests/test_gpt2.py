@@ -412,3 +412,47 @@ def test_set_dropout_reaches_every_dropout_and_refuses_a_bad_probability():
         assert {b.att.dropout for b in model.trf_blocks} == {0.0}
     assert gpt2.set_dropout(model, np.float32(0.25)).cfg["drop_rate"] == 0.25
     assert type(model.cfg["drop_rate"]) is float
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"n_heads": 0}, r'cfg\["n_heads"\] must be a positive integer'),
+        ({"n_layers": -1}, r'cfg\["n_layers"\] must be a positive integer'),
+        ({"context_length": 0}, r'cfg\["context_length"\] must be a positive integer'),
+        ({"emb_dim": 30}, r'cfg\["emb_dim"\] \(30\) must be divisible by cfg\["n_heads"\] \(4\)'),
+        ({"drop_rate": 1.5}, r'cfg\["drop_rate"\] must be a number in \[0, 1\)'),
+    ],
+)
+def test_model_config_values_are_checked(change, message):
+    with pytest.raises(ValueError, match=message):
+        GPTModel({**SMALL, **change})
+
+
+def test_generate_refuses_an_empty_prompt_nan_temperature_and_negative_length():
+    model = _tiny_model(SMALL)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        generate(model, torch.zeros(1, 0, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        generate(model, torch.tensor([[1]]), 2, temperature=float("nan"))
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+        generate(model, torch.tensor([[1]]), -1)
+    assert generate(model, torch.tensor([[1]]), 0).tolist() == [[1]]
+
+
+def test_token_ids_to_text_accepts_the_list_that_encode_returns(gpt2_tokenizer):
+    assert token_ids_to_text(gpt2_tokenizer.encode("hi there"), gpt2_tokenizer) == "hi there"
+
+
+def test_parameter_breakdown_refuses_a_model_that_is_not_a_gptmodel(hf_files):
+    hf, _ = hf_files
+    with pytest.raises(TypeError, match="needs this package's GPTModel, got a GPT2LMHeadModel"):
+        parameter_breakdown(hf)
+
+
+def test_to_classifier_refuses_an_out_head_with_lora():
+    model = _tiny_model(SMALL)
+    replace_linear_with_lora(model, 2, 4, ["out_head"])
+    with pytest.raises(ValueError, match="call to_classifier before adding LoRA"):
+        to_classifier(model, 2)
+    assert model.out_head.lora is not None  # left as it was

@@ -129,12 +129,27 @@ def test_a_file_is_not_a_kit_folder(env, tmp_path, capsys):
     (tmp_path / "kit").write_text("")
     assert kit.main(["download", str(tmp_path / "kit"), "--gpt2"]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
+    assert kit.main(["check", str(tmp_path / "kit")]) == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a folder" in err
+    assert "download" not in err
 
 
 def test_offline_download_says_what_is_missing(env, tmp_path, capsys):
     env.setenv("LORA_OFFLINE", "1")
     assert kit.main(["download", str(tmp_path / "kit"), "--gpt2"]) == 2
     assert "LORA_OFFLINE=1 is set" in capsys.readouterr().err
+
+
+def test_a_failed_download_removes_only_the_folders_it_created(env, tmp_path):
+    env.setenv("LORA_OFFLINE", "1")
+    with pytest.raises(kit.AssetError):
+        kit.download(tmp_path / "new" / "kit", ())
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "old").mkdir()
+    with pytest.raises(kit.AssetError):
+        kit.download(tmp_path / "old", ())
+    assert (tmp_path / "old").is_dir()
 
 
 def test_missing_requirements_names_absent_and_old_packages(monkeypatch):

@@ -1,5 +1,6 @@
 """lora_helpers.lora: shapes, initialisation, gradient flow, merging, counting, LoRA state dicts."""
 
+import copy
 import math
 
 import pytest
@@ -140,10 +141,10 @@ def test_extra_repr_names_the_scaling_rule():
         ({"alpha": True}, "alpha must be a finite number"),
         ({"in_dim": 0}, "in_dim must be a positive integer"),
         ({"out_dim": 3.0}, "out_dim must be a positive integer"),
-        ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
-        ({"dropout": -0.1}, r"dropout must be in \[0, 1\)"),
-        ({"dropout": "0.1"}, r"dropout must be in \[0, 1\), got '0.1'"),
-        ({"dropout": None}, r"dropout must be in \[0, 1\), got None"),
+        ({"dropout": 1.0}, r"dropout must be a number in \[0, 1\)"),
+        ({"dropout": -0.1}, r"dropout must be a number in \[0, 1\)"),
+        ({"dropout": "0.1"}, r"dropout must be a number in \[0, 1\), got '0.1'"),
+        ({"dropout": None}, r"dropout must be a number in \[0, 1\), got None"),
         ({"alpha": 0}, "alpha is 0, which scales the update to zero"),
         ({"rslora": "no"}, "rslora must be True or False, got 'no'"),
     ],
@@ -573,3 +574,113 @@ def test_dora_counts_on_the_meta_device():
         model = nn.Sequential(nn.Linear(768, 768), nn.Linear(768, 2))
     replace_linear_with_dora(model, 4, 8, target_modules=["0"])
     assert count_parameters(mark_only_dora_as_trainable(model)).trainable == 4 * 1536 + 768
+
+
+def test_unmerge_subtracts_what_merge_added_even_if_a_and_b_changed_in_between():
+    torch.manual_seed(0)
+    layer = LinearWithLoRA(nn.Linear(16, 8), rank=4, alpha=8)
+    nn.init.normal_(layer.lora.B)
+    original = layer.linear.weight.detach().clone()
+    layer.merge()
+    with torch.no_grad():  # an optimizer step with gradients left from before the merge, say
+        layer.lora.B.mul_(2)
+        layer.lora.A.add_(1)
+    layer.unmerge()
+    assert torch.allclose(layer.linear.weight, original, atol=1e-6)
+    x = torch.randn(3, 16)  # and the LoRA path now carries the changed A and B
+    assert torch.allclose(layer(x), x @ original.T + layer.linear.bias + layer.lora(x), atol=1e-6)
+
+
+def test_a_merged_state_loaded_from_a_file_unmerges_with_the_a_and_b_loaded_with_it():
+    torch.manual_seed(0)
+    saved = LinearWithLoRA(nn.Linear(16, 8), rank=4, alpha=8)
+    nn.init.normal_(saved.lora.B)
+    original = saved.linear.weight.detach().clone()
+    saved.merge()
+    layer = LinearWithLoRA(nn.Linear(16, 8), rank=4, alpha=8)
+    layer.load_state_dict(saved.state_dict())
+    assert layer.merged
+    with torch.no_grad():
+        layer.lora.B.zero_()
+    layer.unmerge()
+    assert torch.allclose(layer.linear.weight, original, atol=1e-6)
+
+
+def test_a_merged_layer_moved_or_copied_still_unmerges():
+    torch.manual_seed(0)
+    layer = LinearWithLoRA(nn.Linear(16, 8), rank=4, alpha=8)
+    nn.init.normal_(layer.lora.B)
+    original = layer.linear.weight.detach().clone()
+    layer.merge()
+    twin = copy.deepcopy(layer).to(torch.float64)
+    twin.unmerge()
+    assert torch.allclose(twin.linear.weight, original.double(), atol=1e-6)
+
+
+class TiedLM(nn.Module):
+    """An embedding and an output head that share one weight, as GPT-2's tok_emb and out_head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok_emb = nn.Embedding(10, 4)
+        self.out_head = nn.Linear(4, 10, bias=False)
+        self.out_head.weight = self.tok_emb.weight
+
+
+def test_merging_one_layer_whose_weight_is_tied_is_refused_and_changes_nothing():
+    torch.manual_seed(0)
+    model = replace_linear_with_lora(TiedLM(), rank=2, alpha=4)
+    nn.init.normal_(model.out_head.lora.B)
+    embedding = model.tok_emb.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"shares its memory with 'tok_emb.weight'.*untie it"):
+        model.out_head.merge()
+    assert not model.out_head.merged
+    assert torch.equal(model.tok_emb.weight, embedding)
+    # untied as the message says, the layer merges and the embedding stays as it was
+    layer = model.out_head
+    layer.linear.weight = nn.Parameter(layer.linear.weight.detach().clone())
+    layer.merge()
+    assert layer.merged
+    assert torch.equal(model.tok_emb.weight, embedding)
+
+
+def test_lora_functions_refuse_a_model_whose_adapters_are_dora_layers():
+    model = replace_linear_with_dora(Block(), rank=2, alpha=4)
+    for call in (merge_lora, unmerge_lora, lora_state_dict, mark_only_lora_as_trainable):
+        with pytest.raises(ValueError, match=r"adapters are LinearWithDoRA .*merge_dora"):
+            call(model)
+    with pytest.raises(ValueError, match=r"adapters are LinearWithDoRA"):
+        load_lora_state_dict(model, {})
+    assert not any(layer.merged for _, layer in dora_layers(model))
+
+
+def test_dora_functions_refuse_a_model_whose_adapters_are_lora_layers():
+    model = replace_linear_with_lora(Block(), rank=2, alpha=4)
+    for call in (merge_dora, mark_only_dora_as_trainable):
+        with pytest.raises(ValueError, match=r"adapters are LinearWithLoRA .*merge_lora"):
+            call(model)
+    assert not any(layer.merged for _, layer in lora_layers(model))
+
+
+def test_mark_only_lora_as_trainable_counts_lora_on_a_quantised_base():
+    from lora_helpers.quant import add_lora_to_quantized, quantize_linears
+
+    model = add_lora_to_quantized(quantize_linears(Block(), block_size=8), rank=2, alpha=4)
+    mark_only_lora_as_trainable(model)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.lora.{f}" for n in ("W_query", "W_value") for f in "AB"}
+
+
+def test_a_numpy_rank_or_alpha_gets_the_fix():
+    np = pytest.importorskip("numpy")
+    with pytest.raises(ValueError, match=r"pass int\(rank\)"):
+        LoRALayer(8, 8, rank=np.int64(4), alpha=8)
+    with pytest.raises(
+        ValueError, match=r"pass float\(alpha\), a Python float, instead of a float32"
+    ):
+        LoRALayer(8, 8, rank=4, alpha=np.float32(8))
+
+
+def test_a_nan_alpha_gets_the_usual_hint_not_the_numpy_one():
+    with pytest.raises(ValueError, match=r"got nan; a common choice is alpha = rank\.$"):
+        LoRALayer(8, 8, rank=4, alpha=math.nan)

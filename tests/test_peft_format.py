@@ -697,6 +697,13 @@ def test_to_transformers_refuses_what_gpt2_has_no_place_for(bases):
         to_transformers(quantize_linears(copy.deepcopy(base)))
 
 
+@pytest.mark.parametrize("n_classes", [0, -1, 2.0])
+def test_to_transformers_refuses_an_n_classes_that_is_not_none_or_positive(bases, n_classes):
+    _, base = bases
+    with pytest.raises(ValueError, match=r"n_classes must be a positive integer.*or None"):
+        to_transformers(base, n_classes)
+
+
 def test_a_failure_late_in_a_load_puts_back_the_head_and_every_layer(bases, tmp_path, monkeypatch):
     """The head is replaced and blocks are wrapped before the last wrap fails: all undone."""
     export_peft_adapter(_classifier(bases[1]), tmp_path)

@@ -96,3 +96,12 @@ def test_plot_attention_patterns():
     assert [ax.get_title() for ax in fig.axes[:2]] == ["before", "after"]
     with pytest.raises(ValueError, match=r"expected square attention weights.*\(2, 4, 4\)"):
         plot_attention_patterns({"per head": torch.rand(2, 4, 4)})
+
+
+@pytest.mark.parametrize("rank", [-1, 7, 2.0])
+def test_plot_svd_errors_refuses_a_rank_no_matrix_has(rank):
+    matrices = {"a": torch.randn(5, 8), "b": torch.randn(6, 4)}
+    with pytest.raises(ValueError, match=r"rank must be an integer from 0 to 5 .* got"):
+        plot_svd_errors(matrices, rank)
+    assert not plt.get_fignums()  # no figure was drawn
+    plot_svd_errors(matrices, 5)  # a rank that one matrix has is still drawn

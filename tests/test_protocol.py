@@ -170,6 +170,46 @@ def test_tune_refuses_an_empty_grid_or_no_seeds():
     assert trainer.calls == []
 
 
+@dataclass
+class StepRun:
+    """A run that says its best step, as studies.Run does (0: before training)."""
+
+    val_loss: float
+    best_step: int
+
+
+def test_tune_does_not_pick_a_run_that_never_improved_on_step_0():
+    # at step 0 every learning rate scores the untrained model: equal losses, best step 0
+    runs = {1e3: StepRun(2.0, 0), 1e4: StepRun(2.0, 0)}
+    with pytest.raises(ValueError, match=r"x: every learning rate .* never improved .* step 0"):
+        protocol.tune("x", lambda lr, seed: runs[lr], (1e3, 1e4), seeds=(0,))
+    runs[1e-2] = StepRun(1.5, 30)
+    assert protocol.tune("x", lambda lr, seed: runs[lr], (1e-2, 1e3), seeds=(0,)).lr == 1e-2
+    runs[1e-6] = StepRun(1.0, 0)  # a lower loss, but at step 0: not a trained run
+    assert protocol.tune("x", lambda lr, seed: runs[lr], (1e-6, 1e-2), seeds=(0,)).lr == 1e-2
+
+
+@pytest.mark.parametrize(
+    ("lrs", "seeds", "message"),
+    [
+        (1e-2, (0,), r"lrs must be a sequence of learning rates, e\.g\. \(1e-2,\), got 0\.01"),
+        ("1e-2", (0,), "lrs must be a sequence"),
+        ((1e-2,), 0, r"seeds must be a sequence of ints"),
+        ((1e-2,), (0.5,), r"seeds must be a sequence of ints"),
+    ],
+)
+def test_tune_refuses_a_number_where_a_sequence_belongs(lrs, seeds, message):
+    trainer = FakeTrainer({1e-2: 0.1})
+    with pytest.raises(TypeError, match=message):
+        protocol.tune("m", trainer, lrs, seeds)
+    assert trainer.calls == []
+
+
+def test_verdict_refuses_lists_and_names_spread():
+    with pytest.raises(TypeError, match=r"got a list; wrap .* protocol\.spread\(values\)"):
+        protocol.verdict([1, 2], [3, 4], "A", "B")
+
+
 def test_tuned_grid_marks_the_pick():
     trainer = FakeTrainer({1e-2: 0.5, 3e-2: 0.25})
     tuned = protocol.tune("Q+V", trainer, lrs=(1e-2, 3e-2), seeds=(0,))

@@ -1,5 +1,8 @@
 """lora_helpers.quant: levels, packing, the error bound, memory accounting, QLoRA layers."""
 
+import copy
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +10,7 @@ from torch import nn
 
 from lora_helpers import quant
 from lora_helpers.dora import replace_linear_with_dora
-from lora_helpers.lora import count_parameters, replace_linear_with_lora
+from lora_helpers.lora import count_parameters, freeze, replace_linear_with_lora
 
 # The NF4 table as published with QLoRA (and hard-coded in bitsandbytes).
 QLORA_NF4 = [
@@ -203,7 +206,7 @@ def test_qlora_refuses_a_float_layer_and_a_model_without_quantised_layers():
     model = quant.add_lora_to_quantized(
         quant.quantize_linears(nn.Sequential(nn.Linear(4, 4)), 16), 1, 1
     )
-    with pytest.raises(ValueError, match="no unwrapped QuantizedLinear"):
+    with pytest.raises(ValueError, match="no unwrapped QuantizedLinear: each one already"):
         quant.add_lora_to_quantized(model, rank=1, alpha=1)  # no double wrapping
     with pytest.raises(ValueError, match=r"no nn\.Linear layer to quantise"):
         quant.quantize_linears(nn.ReLU())
@@ -235,3 +238,53 @@ def test_quantising_under_an_adapter_is_refused_before_anything_changes(kind):
     with pytest.raises(ValueError, match=r"Layer '0' already carries a LinearWith(LoRA|DoRA)"):
         quant.quantize_linears(model)
     assert [(n, type(m).__name__) for n, m in model.named_modules()] == before
+
+
+@pytest.mark.parametrize("bad", ["block", "inf"])
+def test_quantize_linears_changes_nothing_when_a_later_layer_fails(bad):
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.Linear(32, 2))
+    if bad == "inf":
+        with torch.no_grad():
+            model[3].weight[0, 0] = math.inf
+    kwargs = {"block_size": 1024} if bad == "block" else {}  # 64 divides the head's 64 weights
+    match = "not a multiple of block_size" if bad == "block" else "inf or NaN"
+    with pytest.raises(ValueError, match=rf"Layer '3': .*{match}"):
+        quant.quantize_linears(model, **kwargs)
+    assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear, nn.Linear]
+
+
+def test_wrong_types_get_errors_that_name_what_to_pass():
+    with pytest.raises(TypeError, match=r"use QuantizedLinear\(layer\)"):
+        quant.quantize_4bit(nn.Linear(4, 4))
+    with pytest.raises(TypeError, match=r"takes a Quantized4bit"):
+        quant.dequantize_4bit(torch.zeros(64))
+    q = quant.quantize_4bit(torch.zeros(64))
+    with pytest.raises(TypeError, match=r"floating torch\.dtype such as torch\.float32"):
+        quant.dequantize_4bit(q, "float32")
+    with pytest.raises(TypeError, match=r"floating torch\.dtype"):
+        quant.dequantize_4bit(q, torch.int8)
+
+
+@pytest.mark.parametrize("codes", [torch.tensor([3.7, 1.2]), torch.tensor([True, False]), [3, 1]])
+def test_pack_refuses_anything_but_integer_codes(codes):
+    with pytest.raises(TypeError, match=r"integer codes 0\.\.15"):
+        quant.pack_4bit(codes)
+
+
+def test_a_second_call_says_the_model_is_quantised_or_carries_lora_already():
+    model = quant.quantize_linears(nn.Sequential(nn.Linear(8, 8)), 16)
+    with pytest.raises(ValueError, match="is quantised already"):
+        quant.quantize_linears(model)
+    quant.add_lora_to_quantized(model, 1, 1)
+    with pytest.raises(ValueError, match="each one already carries LoRA"):
+        quant.add_lora_to_quantized(model, 1, 1)
+
+
+def test_add_lora_to_quantized_freezes_nothing_so_freeze_first():
+    model = nn.Sequential(nn.Embedding(4, 8), nn.Linear(8, 8))
+    quant.quantize_linears(model, 16)
+    unfrozen = quant.add_lora_to_quantized(copy.deepcopy(model), 1, 1)
+    assert count_parameters(unfrozen).trainable == 4 * 8 + 16  # the embedding trains too
+    frozen = quant.add_lora_to_quantized(freeze(model), 1, 1)
+    assert count_parameters(frozen).trainable == 16
+    assert "lora.freeze(module) first" in quant.add_lora_to_quantized.__doc__

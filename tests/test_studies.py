@@ -130,6 +130,13 @@ def test_make_splits_test_is_clean_and_validation_noisy_like_training():
         ({"pairs": (8,)}, "pairs must be distinct integers in 0..7"),
         ({"pairs": (1, 1)}, "pairs must be distinct"),
         ({"noise": 1.0}, r"noise must be in \[0, 1\)"),
+        ({"shift": 1.5}, r"shift must be in 1\.\.7, an integer, got 1\.5"),
+        ({"shift": "1"}, "shift must be in 1..7, an integer"),
+        ({"pairs": 0}, r"as a tuple such as \(0, 1\)"),
+        ({"pairs": (0.5,)}, "pairs must be distinct integers"),
+        ({"pairs": "01"}, "pairs must be distinct integers"),
+        ({"noise": "0.2"}, r"noise must be in \[0, 1\), a number, got '0\.2'"),
+        ({"noise": True}, "noise must be in"),
     ],
 )
 def test_task_refuses_bad_settings(kwargs, message):
@@ -516,6 +523,31 @@ def test_budget_ranks_refuses_budgets_without_whole_ranks(budget):
         studies.budget_ranks(budget)
 
 
+def test_budget_ranks_says_when_a_multiple_gives_too_high_a_rank():
+    with pytest.raises(
+        ValueError, match=r"gives 'Q' rank 36, above 32.*multiple of 768 up to 2048"
+    ):
+        studies.budget_ranks(2304)  # 3 * 768: whole ranks, but 36 > 32 for a single layer
+
+
+@pytest.mark.parametrize("budget", ["768", 768.0, 0, -768, True])
+def test_budget_ranks_wants_a_positive_int(budget):
+    with pytest.raises(ValueError, match="budget must be a positive integer"):
+        studies.budget_ranks(budget)
+
+
+@pytest.mark.parametrize("sets", [[["Q"]], {"Q+V": "QV"}])
+def test_budget_ranks_wants_a_dict_of_lists(sets):
+    with pytest.raises(TypeError, match="target_sets must be a dict of name -> list"):
+        studies.budget_ranks(768, sets)
+
+
+def test_targets_table_needs_compare_targets_sets():
+    tuned = protocol.Tuned("mine", 1e-2, {1e-2: 0.5}, [])
+    with pytest.raises(ValueError, match="'mine' is not in target_sets; pass targets_table the"):
+        studies.targets_table([tuned])
+
+
 def test_compare_targets_at_equal_budget(base, data, monkeypatch):
     calls = count_lora_runs(monkeypatch)
     sets = {"V": ["V"], "Q+V": ["Q", "V"]}
@@ -541,6 +573,46 @@ def test_compare_targets_at_equal_budget(base, data, monkeypatch):
     assert table[0].split()[:4] == ["adapted", "rank", "parameters", "lr"]
     assert table[2].split()[:4] == ["V", "4", "256", f"{results[0].lr:g}"]
     assert table[3].split()[:4] == ["Q+V", "2", "256", f"{results[1].lr:g}"]
+
+
+def test_the_runs_refuse_the_wrong_data_and_lr_before_any_work(base, data, monkeypatch):
+    monkeypatch.setattr(studies, "train", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(TypeError, match="got a Data; pass the whole make_splits"):
+        studies.lora_run(base, data.train, 8, 16)
+    with pytest.raises(TypeError, match="got a Data; pass the whole make_splits"):
+        studies.full_finetune_run(base, data.train)
+    with pytest.raises(ValueError, match="lr must be a positive number such as 1e-2, got '1e-2'"):
+        studies.lora_run(base, data, 2, 2, lr="1e-2")
+    with pytest.raises(TypeError, match=r"lrs must be a sequence"):
+        studies.compare_targets(base, data, 768, lrs=1e-2)
+
+
+def test_train_refuses_a_bad_lr_and_splits_for_data(base, data):
+    model = copy.deepcopy(base).requires_grad_(True)
+    with pytest.raises(ValueError, match="lr must be a positive number"):
+        studies.train(model, data.train, steps=1, lr=-1.0)
+    with pytest.raises(TypeError, match="got a Splits; pick one split"):
+        studies.train(model, data, steps=1, lr=1e-2)
+
+
+def test_loss_and_accuracy_names_the_split_to_pick(base, data):
+    with pytest.raises(TypeError, match=r"data must be a Data .* got a Splits; pick one split"):
+        studies.loss_and_accuracy(base, data)
+    with pytest.raises(TypeError, match="heldout must be a Data"):
+        studies.evaluate_truncated(base, {}, data, [1])
+
+
+def test_sweeps_without_ranks_are_refused(base, data):
+    with pytest.raises(ValueError, match="ranks is empty"):
+        studies.sweep_rank_alpha(base, data, [], [1.0])
+    empty = studies.Sweep([], [1.0], "alpha/r", torch.empty(3, 0, 1), torch.empty(3, 0, 1))
+    with pytest.raises(ValueError, match="Nothing to plot"):
+        studies.plot_sweeps([empty])
+
+
+def test_a_run_says_its_best_step(base, data):
+    run = studies.lora_run(base, data, 1, 1, steps=2, eval_every=1)
+    assert run.best_step == run.curves.best_step
 
 
 def test_format_table_is_the_protocols():
@@ -590,6 +662,37 @@ def test_energy_and_best_rank_approx_hand_cases():
     assert (d - studies.best_rank_approx(d, 2)).norm().item() == pytest.approx(1.0)
     with pytest.raises(ValueError, match=r"r must be in 1\.\.3"):
         studies.best_rank_approx(d, 4)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((torch.tensor([4.0, 3.0]), 0), "r must be a positive integer"),
+        ((torch.tensor([4.0, 3.0]), -1), "r must be a positive integer"),
+        ((torch.tensor([4.0, 3.0]), 1.5), "r must be a positive integer"),
+        ((torch.eye(4), 2), r"pass torch\.linalg\.svdvals\(dW\), not dW itself"),
+        ((torch.tensor([1.0, 3.0]), 1), "1-D and descending"),
+        ((torch.zeros(4), 2), "dW is zero"),
+    ],
+)
+def test_energy_in_top_refuses_what_is_not_a_spectrum(args, message):
+    with pytest.raises(ValueError, match=message):
+        studies.energy_in_top(*args)
+
+
+@pytest.mark.parametrize("shape", [(32,), (1,), (1, 32), (32, 1)])
+def test_with_deltas_refuses_a_delta_that_would_broadcast(base, shape):
+    with pytest.raises(ValueError, match=r"dW of 'Q' must have the weight's shape \(32, 32\)"):
+        studies.with_deltas(base, {"Q": torch.ones(shape, dtype=studies.DTYPE)})
+
+
+def test_a_base_with_lora_is_refused_where_plain_weights_are_needed(base, data):
+    with_lora = replace_linear_with_lora(copy.deepcopy(base), 2, 2, ["att.W_query"])
+    zero = torch.zeros(32, 32, dtype=studies.DTYPE)
+    with pytest.raises(ValueError, match=r"'Q' is a LinearWithLoRA, not a plain nn\.Linear"):
+        studies.with_deltas(with_lora, {"Q": zero})
+    with pytest.raises(ValueError, match=r"'Q' is a LinearWithLoRA, not a plain nn\.Linear"):
+        studies.full_finetune_run(with_lora, data, steps=1)
 
 
 def test_with_deltas_and_full_rank_truncation_restore_the_tuned_model(base, data):

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora_helpers import protocol
 from lora_helpers.attention import MultiHeadAttention, add_lora_to_attention
 from lora_helpers.lora import LinearWithLoRA, mark_only_lora_as_trainable
 from lora_helpers.toy_tasks import (
@@ -234,3 +235,22 @@ def test_copy_attention_pattern_shape():
     pattern = copy_attention_pattern(CopyModel(num_heads=2, context_length=12), n_sequences=4)
     assert pattern.shape == (2, 12, 12)
     assert isinstance(CopyModel().head, nn.Linear)
+
+
+@pytest.mark.parametrize("batch_size", [0, -4])
+def test_copy_training_refuses_a_batch_size_below_one(batch_size):
+    model = CopyModel(vocab_size=5, d_model=8, context_length=4, num_heads=2)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        train_copy_task(model, 1, steps=1, batch_size=batch_size)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        adapt_copy_model(model, "qv", 2, steps=1, batch_size=batch_size)
+
+
+def test_protocol_tune_sees_the_best_step_of_a_fit_and_skips_a_step_0_run():
+    task = low_rank_change_task(in_dim=8, out_dim=8, change_rank=1, seed=0)
+    fit = fit_lora(task, 1, alpha=1, steps=5, lr=1e-2, seed=0)
+    assert fit.best_step == fit.run.best_step
+    with pytest.raises(ValueError, match="never improved on the untrained model"):
+        protocol.tune(
+            "x", lambda lr, seed: fit_lora(task, 1, alpha=1, steps=5, lr=lr, seed=seed), lrs=(1e6,)
+        )
