@@ -63,28 +63,44 @@ def at_rank(fit: studies.RankFit, rank: int, which: str = "heldout_loss") -> pro
 
 
 @pytest.fixture(scope="module")
-def targets(base):
+def target_runs(base):
     """The notebook's target comparison (SHIFT_RENAME_TASK, 256 sequences, budget 768, every
     target set, 80 steps, seeds 0-2), each set at the learning rate the notebook picked for it
-    (1e-2) instead of over the grid again: the test accuracy of each set, over seeds."""
+    (1e-2) instead of over the grid again: each set's runs, one per seed."""
     data = studies.make_splits(studies.SHIFT_RENAME_TASK, 256)
     return {
-        name: protocol.spread(
-            [
-                studies.lora_run(
-                    base,
-                    data,
-                    rank,
-                    2 * rank,
-                    targets=studies.TARGET_SETS[name],
-                    steps=80,
-                    lr=TARGETS_LR,
-                    seed=seed,
-                ).heldout_accuracy
-                for seed in protocol.SEEDS
-            ]
-        )
+        name: [
+            studies.lora_run(
+                base,
+                data,
+                rank,
+                2 * rank,
+                targets=studies.TARGET_SETS[name],
+                steps=80,
+                lr=TARGETS_LR,
+                seed=seed,
+            )
+            for seed in protocol.SEEDS
+        ]
         for name, rank in studies.budget_ranks(768).items()
+    }
+
+
+@pytest.fixture(scope="module")
+def targets(target_runs):
+    """The test accuracy of each target set, over seeds."""
+    return {
+        name: protocol.spread([run.heldout_accuracy for run in runs])
+        for name, runs in target_runs.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def target_losses(target_runs):
+    """The test loss of each target set, over seeds."""
+    return {
+        name: protocol.spread([run.heldout_loss for run in runs])
+        for name, runs in target_runs.items()
     }
 
 
@@ -134,6 +150,26 @@ def test_q_and_v_together_get_furthest_in_every_seed(targets):
     for other, spread in targets.items():
         if other != "Q+V":
             assert protocol.clearly_lower(spread, targets["Q+V"]), (other, spread, targets["Q+V"])
+
+
+def test_the_sets_that_can_express_the_change_have_the_lower_test_loss(target_losses):
+    """(d'') "In test loss they are within the spread of {W_q, W_v}, and all three are below
+    every set that cannot express the change, in every seed, except {W_q, W_v} against W_o
+    alone, whose loss is within its spread"; the summary's "one pair within the spread"."""
+    loss = target_losses
+    both_halves, one_half = ("Q+V", "Q+K+V+O", "attention+MLP"), ("Q", "K", "V", "O", "Q+K")
+    within = {
+        (good, other)
+        for good in both_halves
+        for other in one_half
+        if not protocol.clearly_lower(loss[good], loss[other])
+    }
+    assert within == {("Q+V", "O")}, within
+    assert not protocol.clearly_lower(loss["Q+V"], loss["O"])
+    assert not protocol.clearly_lower(loss["O"], loss["Q+V"])
+    for other in both_halves[1:]:
+        assert not protocol.clearly_lower(loss["Q+V"], loss[other]), (other, loss)
+        assert not protocol.clearly_lower(loss[other], loss["Q+V"]), (other, loss)
 
 
 def test_single_matrices_stay_far_from_solving_the_task(targets, base):
