@@ -18,7 +18,7 @@ def positive_int(name: str, value: object, hint: str = "") -> int:
     """
     if not is_positive_int(value):
         if isinstance(value, numbers.Integral) and not isinstance(value, bool | int):
-            hint = f"pass int({name}), a Python int, instead of a {type(value).__name__}"
+            hint = f"pass int({name}); its type is {type(value).__name__}, not int"
         end = f"; {hint}." if hint else "."
         raise ValueError(f"{name} must be a positive integer, got {value!r}{end}")
     return value

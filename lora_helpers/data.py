@@ -201,7 +201,8 @@ def split(rows: list[Row], fractions: tuple[float, float] = (0.7, 0.1), seed: in
     Raises ValueError unless `fractions` is two numbers (train, val), train > 0, train + val < 1.
     """
     if not (
-        isinstance(fractions, tuple | list)
+        not isinstance(fractions, str)
+        and hasattr(fractions, "__len__")
         and len(fractions) == 2
         and all(isinstance(f, numbers.Real) and not isinstance(f, bool) for f in fractions)
     ):
@@ -228,15 +229,18 @@ def subset(splits: Splits, sizes: tuple[int, int, int]) -> Splits:
     Raises ValueError unless `sizes` is three non-negative ints (train, val, test).
     """
     if not (
-        isinstance(sizes, tuple | list)
+        not isinstance(sizes, str)
+        and hasattr(sizes, "__len__")
         and len(sizes) == 3
-        and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in sizes)
+        and all(
+            isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 0 for n in sizes
+        )
     ):
         raise ValueError(
             f"sizes must be three non-negative ints (train, val, test), got {sizes!r}; "
             "e.g. (320, 149, 300)."
         )
-    return Splits(*(part[:n] for part, n in zip(splits, sizes, strict=True)))
+    return Splits(*(part[: int(n)] for part, n in zip(splits, sizes, strict=True)))
 
 
 def encode(texts: list[str], tokenizer: Encoding, max_length: int | None = None) -> torch.Tensor:

@@ -24,6 +24,7 @@ from .lora import (
     freeze,
     lora_layers,
     refuse_shared_weight,
+    remember_loaded_update,
     wrap_linear_layers,
 )
 
@@ -73,7 +74,8 @@ class LinearWithDoRA(nn.Module):
         self.register_buffer("merged_norms", None)
         # and the m and dW it merged, so that unmerge() undoes exactly that (see LinearWithLoRA)
         self.merged_update: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.shared_with: list[tuple[str, torch.Tensor]] = []  # see LinearWithLoRA
+        self.register_load_state_dict_post_hook(remember_loaded_update)
+        self.shared_with: list[tuple[str, nn.Module, str]] = []  # see LinearWithLoRA
 
     @property
     def merged(self) -> bool:
@@ -82,6 +84,7 @@ class LinearWithDoRA(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         """Merged or not, as the loaded state says: merged_norms is in it only when merged.
         A state without the base weight (e.g. A, B and m alone) leaves it as it is."""
+        self._loads_weight = prefix + "linear.weight" in state_dict  # for the post hook
         if prefix + "merged_norms" in state_dict:
             if self.merged_norms is None:
                 self.merged_norms = torch.empty_like(self.m)
@@ -116,17 +119,22 @@ class LinearWithDoRA(nn.Module):
         """
         if not self.merged:
             refuse_shared_weight(self)
-            self.merged_update = (self.m.clone(), self.lora.delta_weight())
+            self.merged_update = self._snapshot()
             m, delta = self.merged_update
             combined = self.linear.weight + delta
             self.merged_norms = _row_norms(combined)
             self.linear.weight.copy_((m / self.merged_norms)[:, None] * combined)
 
     @torch.no_grad()
+    def _snapshot(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.m.clone(), self.lora.delta_weight()
+
+    @torch.no_grad()
     def unmerge(self) -> None:
         """Undo merge(): W = W' * ||W + dW|| / m - dW, with the m and dW that merge() used."""
         if self.merged:
-            m, delta = self.merged_update or (self.m, self.lora.delta_weight())
+            remembered = getattr(self, "merged_update", None)  # None in a layer pickled before
+            m, delta = remembered or (self.m, self.lora.delta_weight())
             m, delta = m.to(self.m.device), delta.to(self.m.device)
             combined = self.linear.weight * (self.merged_norms / m)[:, None]
             self.linear.weight.copy_(combined - delta)
@@ -205,6 +213,8 @@ def merge_dora(model: nn.Module) -> nn.Module:
     _refuse_lora_only(model, "merge_dora")
     layers = list(dora_layers(model))
     check_unshared(model, layers)
+    for _, layer in layers:
+        refuse_shared_weight(layer)
     for _, layer in layers:
         layer.merge()
     return model

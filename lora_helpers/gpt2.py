@@ -611,6 +611,8 @@ def generate(
         )
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
+    if isinstance(temperature, torch.Tensor) and temperature.numel() == 1:
+        temperature = temperature.item()
     if not (isinstance(temperature, numbers.Real) and temperature >= 0):  # NaN fails too
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
     if top_k is not None:

@@ -33,7 +33,7 @@ def check_rank_alpha(rank: int, alpha: float) -> None:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         fix = "a common choice is alpha = rank"
         if isinstance(alpha, numbers.Real) and not isinstance(alpha, (bool, int, float)):
-            fix = f"pass float(alpha), a Python float, instead of a {type(alpha).__name__}"
+            fix = f"pass float(alpha); its type is {type(alpha).__name__}, not float"
         raise ValueError(f"alpha must be a finite number, got {alpha!r}; {fix}.")
     if alpha == 0:
         raise ValueError(
@@ -168,12 +168,14 @@ class LinearWithLoRA(nn.Module):
         self.register_buffer("merged_flag", torch.tensor(False, device=linear.weight.device))
         # What merge() added (scaling, A, B: rank * (in + out) numbers), so that unmerge()
         # subtracts exactly that even if A or B changed while merged (an optimizer step with
-        # old gradients, say). A merged state loaded from a file keeps the A and B loaded with it.
+        # old gradients, say). A merged state loaded with its base weight keeps the A and B
+        # loaded with it. Not saved: unmerge before saving if A or B changed while merged.
         self.merged_update: tuple[float, torch.Tensor, torch.Tensor] | None = None
-        self.register_load_state_dict_post_hook(_remember_loaded_update)
-        # Tensors elsewhere in the model that share linear.weight's memory (GPT-2's tied
-        # tok_emb and out_head), set by replace_linear_with_lora: merge() would change them too.
-        self.shared_with: list[tuple[str, torch.Tensor]] = []
+        self.register_load_state_dict_post_hook(remember_loaded_update)
+        # Where else in the model linear.weight's memory is used (GPT-2's tied tok_emb and
+        # out_head): (name, module, attribute), set by replace_linear_with_lora; merge() would
+        # change those too. Looked up again at merge time, so untying either side counts.
+        self.shared_with: list[tuple[str, nn.Module, str]] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
@@ -195,16 +197,19 @@ class LinearWithLoRA(nn.Module):
         """
         if not self.merged:
             refuse_shared_weight(self)
-            A, B = self.lora.A.detach().clone(), self.lora.B.detach().clone()
-            self.merged_update = (self.lora.scaling, A, B)
+            self.merged_update = self._snapshot()
             self._add_update(1.0, *self.merged_update)
             self.merged = True
             self.merged_flag.fill_(True)
 
+    def _snapshot(self) -> tuple[float, torch.Tensor, torch.Tensor]:
+        return self.lora.scaling, self.lora.A.detach().clone(), self.lora.B.detach().clone()
+
     def unmerge(self) -> None:
         """Undo merge(): subtract the update merge() added, back to base plus a separate LoRA path."""
         if self.merged:
-            scaling, A, B = self.merged_update or (self.lora.scaling, self.lora.A, self.lora.B)
+            remembered = getattr(self, "merged_update", None)  # None in a layer pickled before
+            scaling, A, B = remembered or (self.lora.scaling, self.lora.A, self.lora.B)
             self._add_update(-1.0, scaling, A.to(self.lora.A.device), B.to(self.lora.B.device))
             self.merged_update = None
             self.merged = False
@@ -214,8 +219,9 @@ class LinearWithLoRA(nn.Module):
         """Merged as the loaded state says. A state with the base weight but no merged_flag
         (a plain from-scratch layer's) is unmerged; one with neither leaves it as it is."""
         key = prefix + "merged_flag"
+        self._loads_weight = prefix + "linear.weight" in state_dict  # for the post hook
         if key not in state_dict:
-            merged = self.merged and prefix + "linear.weight" not in state_dict
+            merged = self.merged and not self._loads_weight
             state_dict = {**state_dict, key: torch.tensor(merged)}
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.merged = bool(self.merged_flag)
@@ -224,22 +230,23 @@ class LinearWithLoRA(nn.Module):
         return f"merged={self.merged}"
 
 
-def _remember_loaded_update(layer: LinearWithLoRA, incompatible_keys: object) -> None:
-    """After load_state_dict (children included): a merged layer holds the loaded A and B."""
-    merged = layer.merged
-    layer.merged_update = (
-        (layer.lora.scaling, layer.lora.A.detach().clone(), layer.lora.B.detach().clone())
-        if merged
-        else None
-    )
+def remember_loaded_update(layer: nn.Module, incompatible_keys: object) -> None:
+    """After load_state_dict (children included), for LinearWithLoRA and LinearWithDoRA: a
+    merged weight loaded from the state goes with the adapter loaded with it; a load of the
+    adapter alone into a merged layer keeps what merge() added."""
+    if not layer.merged:
+        layer.merged_update = None
+    elif getattr(layer, "_loads_weight", False):
+        layer.merged_update = layer._snapshot()
 
 
 def refuse_shared_weight(layer: nn.Module) -> None:
-    """Raise ValueError if layer.linear.weight still shares memory with a tensor in
-    layer.shared_with (recorded when the model was wrapped), which a merge would change too."""
+    """Raise ValueError if layer.linear.weight shares memory with a tensor of layer.shared_with
+    (recorded when the model was wrapped), which a merge would change too."""
     mine = _memory(layer.linear.weight)
-    for name, tensor in layer.shared_with:
-        if _overlap(_memory(tensor), mine):
+    for name, owner, attribute in getattr(layer, "shared_with", ()):
+        tensor = getattr(owner, attribute, None)
+        if isinstance(tensor, torch.Tensor) and _overlap(_memory(tensor), mine):
             raise ValueError(_shared_message("this layer", name))
 
 
@@ -390,13 +397,17 @@ def wrap_linear_layers(
 
 
 def _record_shared_weights(model: nn.Module, layers: dict[str, nn.Module]) -> None:
-    """Set each layer's shared_with: the model's other tensors whose memory overlaps its weight."""
-    tensors = [*model.named_parameters(remove_duplicate=False)]
-    tensors += [*model.named_buffers(remove_duplicate=False)]
-    memory = [(name, tensor, _memory(tensor)) for name, tensor in tensors]
+    """Set each layer's shared_with: where else in the model its weight's memory is used."""
+    places = [
+        (f"{owner_name}.{attribute}".lstrip("."), owner, attribute, _memory(tensor))
+        for owner_name, owner in model.named_modules(remove_duplicate=False)
+        for tensors in (owner._parameters, owner._buffers)
+        for attribute, tensor in tensors.items()
+        if tensor is not None
+    ]
     for name, layer in layers.items():
         own, mine = f"{name}.linear.weight", _memory(layer.linear.weight)
-        layer.shared_with = [(n, t) for n, t, m in memory if n != own and _overlap(m, mine)]
+        layer.shared_with = [(n, o, a) for n, o, a, m in places if n != own and _overlap(m, mine)]
 
 
 def _targeted(name: str, targets: list[str]) -> bool:
@@ -536,8 +547,9 @@ def mark_only_lora_as_trainable(model: nn.Module) -> nn.Module:
     freeze(model)
     for _, layer in lora_layers(model):
         layer.lora.requires_grad_(True)
-    for name, _ in _other_adapters(model):
-        model.get_submodule(name).lora.requires_grad_(True)
+    for name, kind in _other_adapters(model):
+        if kind == "QuantizedLinearWithLoRA":  # not DoRA's A and B without its m
+            model.get_submodule(name).lora.requires_grad_(True)
     return model
 
 
@@ -669,6 +681,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
     _refuse_other_adapters(model, "merge_lora")
     layers = list(lora_layers(model))
     check_unshared(model, layers)
+    for _, layer in layers:  # ties recorded when wrapped, e.g. with a module since removed
+        refuse_shared_weight(layer)
     for _, layer in layers:
         layer.merge()
     return model

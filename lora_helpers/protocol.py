@@ -197,9 +197,9 @@ def tune(
         raise TypeError(f"lrs must be a sequence of learning rates, e.g. (1e-2,), got {lrs!r}.")
     if not _sequence_of(seeds, numbers.Integral):
         raise TypeError(f"seeds must be a sequence of ints, e.g. (0, 1, 2), got {seeds!r}.")
-    if not lrs:
+    if len(lrs) == 0:
         raise ValueError("Give at least one learning rate to try, e.g. lrs=(3e-3, 1e-2, 3e-2).")
-    if not seeds:
+    if len(seeds) == 0:
         raise ValueError("Give at least one seed; three or more show the spread.")
     first = {lr: run(lr, seeds[0]) for lr in lrs}
     scores = {lr: float(r.val_loss) for lr, r in first.items()}
@@ -219,9 +219,10 @@ def tune(
 
 
 def _sequence_of(values: object, kind: type) -> bool:
-    return (
-        isinstance(values, Sequence)
-        and not isinstance(values, str)
+    return (  # a list, a tuple or a numpy array
+        not isinstance(values, str)
+        and hasattr(values, "__len__")
+        and hasattr(values, "__getitem__")
         and all(isinstance(v, kind) and not isinstance(v, bool) for v in values)
     )
 

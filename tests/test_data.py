@@ -209,3 +209,11 @@ def test_balance_refuses_no_rows():
 def test_make_loaders_refuses_rows_instead_of_splits():
     with pytest.raises(TypeError, match=r"call make_loaders\(split\(rows\)"):
         data.make_loaders([("a", 0)] * 10, CharTokenizer())
+
+
+def test_numpy_fractions_and_sizes_work_as_tuples_do():
+    np = pytest.importorskip("numpy")
+    rows = [(f"text {i}", i % 2) for i in range(20)]
+    assert data.split(rows, np.array([0.7, 0.1])) == data.split(rows, (0.7, 0.1))
+    parts = data.split(rows)
+    assert data.subset(parts, tuple(np.array([2, 1, 1]))) == data.subset(parts, (2, 1, 1))

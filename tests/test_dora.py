@@ -264,3 +264,19 @@ def test_merging_a_dora_layer_whose_weight_is_tied_is_refused():
         model.out_head.merge()
     assert not model.out_head.merged
     assert torch.equal(model.tok_emb.weight, weight)
+
+
+def test_a_merged_dora_state_loaded_into_a_merged_layer_unmerges_to_its_own_base():
+    torch.manual_seed(0)
+    linear = nn.Linear(16, 8)
+    original = linear.weight.detach().clone()
+    saved = trained_like(LinearWithDoRA(linear, rank=4, alpha=8))
+    saved.merge()
+    state = copy.deepcopy(saved.state_dict())
+    other = trained_like(LinearWithDoRA(nn.Linear(16, 8), rank=4, alpha=8), seed=1)
+    other.merge()
+    other.load_state_dict(state)
+    with torch.no_grad():
+        other.m.mul_(2)  # changed after the load: unmerge still undoes the loaded merge
+    other.unmerge()
+    assert torch.allclose(other.linear.weight, original, atol=1e-5)

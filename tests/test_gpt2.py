@@ -438,6 +438,10 @@ def test_generate_refuses_an_empty_prompt_nan_temperature_and_negative_length():
     with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
         generate(model, torch.tensor([[1]]), -1)
     assert generate(model, torch.tensor([[1]]), 0).tolist() == [[1]]
+    prompt = torch.tensor([[1, 2]])  # a temperature given as a tensor, as it used to work
+    assert torch.equal(
+        generate(model, prompt, 3, temperature=torch.tensor(0.0)), generate(model, prompt, 3)
+    )
 
 
 def test_token_ids_to_text_accepts_the_list_that_encode_returns(gpt2_tokenizer):

@@ -675,12 +675,63 @@ def test_a_numpy_rank_or_alpha_gets_the_fix():
     np = pytest.importorskip("numpy")
     with pytest.raises(ValueError, match=r"pass int\(rank\)"):
         LoRALayer(8, 8, rank=np.int64(4), alpha=8)
-    with pytest.raises(
-        ValueError, match=r"pass float\(alpha\), a Python float, instead of a float32"
-    ):
+    with pytest.raises(ValueError, match=r"pass float\(alpha\); its type is float32, not float\.$"):
         LoRALayer(8, 8, rank=4, alpha=np.float32(8))
 
 
 def test_a_nan_alpha_gets_the_usual_hint_not_the_numpy_one():
     with pytest.raises(ValueError, match=r"got nan; a common choice is alpha = rank\.$"):
         LoRALayer(8, 8, rank=4, alpha=math.nan)
+
+
+def test_untying_from_the_embedding_side_lets_the_whole_model_merge():
+    torch.manual_seed(0)
+    model = replace_linear_with_lora(TiedLM(), rank=2, alpha=4)
+    model.tok_emb.weight = nn.Parameter(model.tok_emb.weight.detach().clone())
+    merge_lora(model)
+    assert model.out_head.merged
+
+
+def test_merge_lora_refuses_before_merging_any_layer():
+    torch.manual_seed(0)
+    tied = TiedLM()
+    model = nn.ModuleDict({"block": Block(), "tok_emb": tied.tok_emb, "out_head": tied.out_head})
+    replace_linear_with_lora(model, rank=2, alpha=4)  # the block's layers come first
+    outside = model.tok_emb
+    del model["tok_emb"]  # the tie is now with a module outside the model: only the layer knows
+    assert outside.weight is model.out_head.linear.weight
+    with pytest.raises(ValueError, match=r"shares its memory with 'tok_emb\.weight'"):
+        merge_lora(model)
+    assert not any(layer.merged for _, layer in lora_layers(model))
+
+
+def test_loading_only_a_and_b_into_a_merged_layer_keeps_what_merge_added():
+    torch.manual_seed(0)
+    layer = LinearWithLoRA(nn.Linear(16, 8), rank=4, alpha=8)
+    nn.init.normal_(layer.lora.B)
+    original = layer.linear.weight.detach().clone()
+    layer.merge()
+    other = {"lora.A": torch.randn(16, 4), "lora.B": torch.randn(4, 8)}
+    layer.load_state_dict(other, strict=False)
+    layer.unmerge()
+    assert torch.allclose(layer.linear.weight, original, atol=1e-6)
+
+
+def test_mark_only_lora_as_trainable_leaves_dora_layers_of_a_mixed_model_frozen():
+    model = replace_linear_with_lora(Block(), rank=2, alpha=4, target_modules=["W_query"])
+    replace_linear_with_dora(model, rank=2, alpha=4, target_modules=["W_value"])
+    mark_only_lora_as_trainable(model)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"W_query.lora.A", "W_query.lora.B"}
+
+
+def test_a_layer_pickled_before_merged_update_existed_still_unmerges():
+    torch.manual_seed(0)
+    layer = LinearWithLoRA(nn.Linear(16, 8), rank=4, alpha=8)
+    nn.init.normal_(layer.lora.B)
+    original = layer.linear.weight.detach().clone()
+    layer.merge()
+    del layer.merged_update, layer.shared_with  # as unpickled from the older code
+    layer.unmerge()
+    assert torch.allclose(layer.linear.weight, original, atol=1e-6)
+    layer.merge()

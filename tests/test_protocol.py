@@ -1,6 +1,7 @@
 """lora_helpers.protocol: spreads over seeds, honest verdicts, per-method learning rates, tables."""
 
 import math
+import types
 from dataclasses import dataclass
 
 import pytest
@@ -276,3 +277,12 @@ def test_best_step_keeps_a_copy_of_the_lowest_loss_and_puts_it_back():
 def test_best_step_refuses_to_restore_before_any_validation():
     with pytest.raises(ValueError, match="validate at least once"):
         protocol.BestStep([]).restore()
+
+
+def test_a_numpy_grid_of_learning_rates_is_a_sequence_too():
+    np = pytest.importorskip("numpy")
+
+    def run(lr, seed):
+        return types.SimpleNamespace(val_loss=abs(lr - 0.01), best_step=1)
+
+    assert protocol.tune("x", run, np.array([0.001, 0.01]), seeds=(0, 1)).lr == 0.01
