@@ -576,11 +576,16 @@ def test_dora_counts_on_the_meta_device():
     assert count_parameters(mark_only_dora_as_trainable(model)).trainable == 4 * 1536 + 768
 
 
-def test_unmerge_subtracts_what_merge_added_even_if_a_and_b_changed_in_between():
+def layer_with_an_update() -> tuple[LinearWithLoRA, torch.Tensor]:
+    """A 16 -> 8 LinearWithLoRA whose B is not zero, and a copy of its base weight."""
     torch.manual_seed(0)
     layer = LinearWithLoRA(nn.Linear(16, 8), rank=4, alpha=8)
     nn.init.normal_(layer.lora.B)
-    original = layer.linear.weight.detach().clone()
+    return layer, layer.linear.weight.detach().clone()
+
+
+def test_unmerge_subtracts_what_merge_added_even_if_a_and_b_changed_in_between():
+    layer, original = layer_with_an_update()
     layer.merge()
     with torch.no_grad():  # an optimizer step with gradients left from before the merge, say
         layer.lora.B.mul_(2)
@@ -592,10 +597,7 @@ def test_unmerge_subtracts_what_merge_added_even_if_a_and_b_changed_in_between()
 
 
 def test_a_merged_state_loaded_from_a_file_unmerges_with_the_a_and_b_loaded_with_it():
-    torch.manual_seed(0)
-    saved = LinearWithLoRA(nn.Linear(16, 8), rank=4, alpha=8)
-    nn.init.normal_(saved.lora.B)
-    original = saved.linear.weight.detach().clone()
+    saved, original = layer_with_an_update()
     saved.merge()
     layer = LinearWithLoRA(nn.Linear(16, 8), rank=4, alpha=8)
     layer.load_state_dict(saved.state_dict())
@@ -607,10 +609,7 @@ def test_a_merged_state_loaded_from_a_file_unmerges_with_the_a_and_b_loaded_with
 
 
 def test_a_merged_layer_moved_or_copied_still_unmerges():
-    torch.manual_seed(0)
-    layer = LinearWithLoRA(nn.Linear(16, 8), rank=4, alpha=8)
-    nn.init.normal_(layer.lora.B)
-    original = layer.linear.weight.detach().clone()
+    layer, original = layer_with_an_update()
     layer.merge()
     twin = copy.deepcopy(layer).to(torch.float64)
     twin.unmerge()
@@ -706,10 +705,7 @@ def test_merge_lora_refuses_before_merging_any_layer():
 
 
 def test_loading_only_a_and_b_into_a_merged_layer_keeps_what_merge_added():
-    torch.manual_seed(0)
-    layer = LinearWithLoRA(nn.Linear(16, 8), rank=4, alpha=8)
-    nn.init.normal_(layer.lora.B)
-    original = layer.linear.weight.detach().clone()
+    layer, original = layer_with_an_update()
     layer.merge()
     other = {"lora.A": torch.randn(16, 4), "lora.B": torch.randn(4, 8)}
     layer.load_state_dict(other, strict=False)
@@ -726,10 +722,7 @@ def test_mark_only_lora_as_trainable_leaves_dora_layers_of_a_mixed_model_frozen(
 
 
 def test_a_layer_pickled_before_merged_update_existed_still_unmerges():
-    torch.manual_seed(0)
-    layer = LinearWithLoRA(nn.Linear(16, 8), rank=4, alpha=8)
-    nn.init.normal_(layer.lora.B)
-    original = layer.linear.weight.detach().clone()
+    layer, original = layer_with_an_update()
     layer.merge()
     del layer.merged_update, layer.shared_with  # as unpickled from the older code
     layer.unmerge()
