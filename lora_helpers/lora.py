@@ -206,7 +206,11 @@ class LinearWithLoRA(nn.Module):
         return self.lora.scaling, self.lora.A.detach().clone(), self.lora.B.detach().clone()
 
     def unmerge(self) -> None:
-        """Undo merge(): subtract the update merge() added, back to base plus a separate LoRA path."""
+        """Undo merge(): subtract the update merge() added, back to base plus a separate LoRA path.
+
+        What merge() added is kept in memory only: a merged state saved after A or B changed
+        cannot be unmerged exactly once loaded (it is unmerged with the A and B saved with it).
+        """
         if self.merged:
             remembered = getattr(self, "merged_update", None)  # None in a layer pickled before
             scaling, A, B = remembered or (self.lora.scaling, self.lora.A, self.lora.B)
