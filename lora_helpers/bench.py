@@ -35,8 +35,6 @@ import argparse
 import contextlib
 import copy
 import importlib.util
-import io
-import json
 import math
 import multiprocessing
 import os
@@ -59,7 +57,7 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
 
-from .assets import writable_folder, write_atomically
+from .assets import writable_folder
 from .checks import positive_int
 from .gpt2 import GPT2Source, GPTModel, gpt2_config
 from .lora import (
@@ -72,7 +70,14 @@ from .lora import (
 )
 from .peft_format import transformers_config
 from .protocol import format_table
-from .train import autocast_dtype, checkpoint_size, device_slug, format_bytes, save_checkpoint
+from .train import (
+    autocast_dtype,
+    checkpoint_size,
+    device_slug,
+    format_bytes,
+    save_checkpoint,
+    write_json_and_png,
+)
 
 SIZES = ("tiny", "gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl")
 MODES = ("lora", "full", "last-block", "peft-lora")
@@ -666,17 +671,13 @@ def plot_bench(result: dict) -> Figure:
 
 def write_results(result: dict, out: str | os.PathLike) -> tuple[Path, Path]:
     """Write <out>/bench-<device>-<size>.json and .png, each atomically; returns their paths."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"bench-{result['device']}-{result['size']}"
-    json_path, png_path = out / f"{stem}.json", out / f"{stem}.png"
-    text = json.dumps(result, indent=2) + "\n"
-    figure, png = plot_bench(result), io.BytesIO()  # both made before either is written
-    figure.savefig(png, format="png", dpi=110)
-    plt.close(figure)
-    write_atomically(png_path, png.getvalue())
-    write_atomically(json_path, text)
-    return json_path, png_path
+    figure = plot_bench(result)
+    try:
+        return write_json_and_png(
+            out, f"bench-{result['device']}-{result['size']}", result, figure, dpi=110
+        )
+    finally:
+        plt.close(figure)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 
@@ -22,6 +23,11 @@ def positive_int(name: str, value: object, hint: str = "") -> int:
         end = f"; {hint}." if hint else "."
         raise ValueError(f"{name} must be a positive integer, got {value!r}{end}")
     return value
+
+
+def is_positive_number(value: object) -> bool:
+    """True for a finite real number > 0 (a bool is not one)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 < value < math.inf
 
 
 def dropout_probability(p: float, name: str = "A dropout probability") -> float:

@@ -196,15 +196,13 @@ def build(
     n_blocks: build only the first n_blocks blocks (breakdowns builds 1 and 2); all
     depth(size) of them by default.
     Raises ValueError for an unknown size, mode or precision, QLoRA in float32, or an
-    n_blocks that is not a whole number from 1 to depth(size).
+    n_blocks that is not an integer from 1 to depth(size).
     """
     _check(size, mode, precision)
     blocks_of_size = depth(size)
     if n_blocks is None:
         n_blocks = blocks_of_size
-    elif isinstance(n_blocks, bool) or not isinstance(n_blocks, int):
-        raise ValueError(f"n_blocks must be a whole number, got {n_blocks!r}; e.g. n_blocks=2.")
-    elif not 1 <= n_blocks <= blocks_of_size:
+    elif positive_int("n_blocks", n_blocks, "e.g. n_blocks=2") > blocks_of_size:
         raise ValueError(
             f"n_blocks must be from 1 to {blocks_of_size} (the blocks of {size}), got "
             f"{n_blocks!r}; leave it out for the whole model."
@@ -384,11 +382,9 @@ def breakdowns(
     do, and for empty or malformed sizes, schemes or batches."""
     if isinstance(sizes, str) or not sizes:
         raise ValueError(f"sizes must be a non-empty list, got {sizes!r}; e.g. ['gpt2-small'].")
-    if isinstance(batches, int):
-        raise ValueError(f"batches must be a non-empty list, got {batches!r}; e.g. (1, 8).")
-    batches = tuple(batches)  # a generator would be used up by the check below
-    if not batches:
-        raise ValueError(f"batches must be a non-empty list, got {batches!r}; e.g. (1, 8).")
+    given = batches  # as a tuple: a generator would be used up by the checks below
+    if isinstance(batches, int) or not (batches := tuple(batches or ())):
+        raise ValueError(f"batches must be a non-empty list, got {given!r}; e.g. (1, 8).")
     for b in batches:
         positive_int("batch", b, "e.g. batch=8")
     if not schemes or any(not isinstance(x, tuple) or len(x) != 2 for x in schemes):

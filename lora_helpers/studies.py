@@ -26,7 +26,7 @@ from torch import nn
 
 from .assets import data_dir, write_atomically
 from .attention import MultiHeadAttention
-from .checks import positive_int
+from .checks import is_positive_number, positive_int
 from .lora import (
     LinearWithLoRA,
     check_rank_alpha,
@@ -232,7 +232,7 @@ def _check_splits(data: object) -> None:
 
 
 def _check_lr(lr: object) -> None:
-    if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr < math.inf:
+    if not is_positive_number(lr):
         raise ValueError(f"lr must be a positive number such as 1e-2, got {lr!r}.")
 
 

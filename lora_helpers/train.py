@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from . import protocol
 from .adapters import save_adapter
 from .assets import checkout, data_dir, writable_folder, write_atomically
-from .checks import dropout_probability, is_positive_int, positive_int
+from .checks import dropout_probability, is_positive_int, is_positive_number, positive_int
 from .data import LABELS, Loaders, encode
 from .gpt2 import GPT2Source, classify_logits, set_dropout
 from .lora import (
@@ -342,12 +342,8 @@ def _train_step(
     return loss.item(), int((logits.argmax(-1) == labels).sum())
 
 
-def _positive_finite(x: object) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and 0 < x < math.inf
-
-
 def _check_grad_clip(grad_clip: float | None) -> None:
-    if grad_clip is not None and not _positive_finite(grad_clip):
+    if grad_clip is not None and not is_positive_number(grad_clip):
         raise ValueError(
             f"grad_clip is the largest gradient norm, a finite number > 0, or None for no "
             f"clipping; got {grad_clip!r}."
@@ -398,7 +394,7 @@ class Recipe:
             raise ValueError(f"weight_decay must be a finite number >= 0, got {wd!r}.")
         grids = {} if self.lr_grid is None else self.lr_grid
         for mode, lrs in [*((m, (lr,)) for m, lr in self.lr.items()), *grids.items()]:
-            bad = [lr for lr in lrs if not _positive_finite(lr)]
+            bad = [lr for lr in lrs if not is_positive_number(lr)]
             if bad or not lrs:
                 raise ValueError(
                     f"Learning rates must be finite numbers > 0; {mode!r} has {list(lrs)!r}."
@@ -888,18 +884,30 @@ def save_results(
     if not isinstance(figure, Figure):
         raise ValueError(f"figure must be a matplotlib Figure, got {type(figure).__name__}.")
     payload = {**extra, "runs": [r.row() for r in results]}
+    return write_json_and_png(directory, name, payload, figure, dpi=120)
+
+
+def write_json_and_png(
+    directory: str | Path, stem: str, payload: dict, figure: Figure, dpi: int
+) -> tuple[Path, Path]:
+    """Write <directory>/<stem>.json (`payload`) and <stem>.png (`figure`), each atomically.
+
+    Both are made in memory first, so a payload JSON cannot hold writes nothing (ValueError);
+    the PNG is written first, so a JSON is never without its figure (notebook 05 shows one per
+    JSON). Returns the two paths.
+    """
     try:
         text = json.dumps(payload, indent=2) + "\n"
     except TypeError as error:
         raise ValueError(
-            f"extra holds something JSON cannot write ({error}); pass str(x)."
+            f"The results hold something JSON cannot write ({error}); pass str(x)."
         ) from None
     png = io.BytesIO()
-    figure.savefig(png, format="png", dpi=120)
+    figure.savefig(png, format="png", dpi=dpi)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = directory / f"{name}.json", directory / f"{name}.png"
-    write_atomically(png_path, png.getvalue())  # the PNG first: notebook 05 shows one per JSON
+    json_path, png_path = directory / f"{stem}.json", directory / f"{stem}.png"
+    write_atomically(png_path, png.getvalue())
     write_atomically(json_path, text)
     return json_path, png_path
 

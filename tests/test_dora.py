@@ -94,11 +94,17 @@ def test_rslora_scaling():
     assert dora.lora.scaling == pytest.approx(8 / 2)
 
 
-def test_merge_gives_the_same_outputs_and_unmerge_restores_the_weight():
+def dora_with_an_update() -> tuple[LinearWithDoRA, torch.Tensor]:
+    """A 16 -> 8 LinearWithDoRA with a non-zero update and m, and a copy of its base weight."""
     torch.manual_seed(0)
     linear = nn.Linear(16, 8)
     original = linear.weight.detach().clone()
-    dora = trained_like(LinearWithDoRA(linear, rank=4, alpha=8))
+    return trained_like(LinearWithDoRA(linear, rank=4, alpha=8)), original
+
+
+def test_merge_gives_the_same_outputs_and_unmerge_restores_the_weight():
+    dora, original = dora_with_an_update()
+    linear = dora.linear
     x = torch.randn(10, 16)
     before = dora(x)
     dora.merge()
@@ -243,10 +249,8 @@ def test_the_exact_gradient_is_the_true_derivative():
 
 
 def test_unmerge_restores_the_weight_even_if_m_a_and_b_changed_while_merged():
-    torch.manual_seed(0)
-    linear = nn.Linear(16, 8)
-    original = linear.weight.detach().clone()
-    dora = trained_like(LinearWithDoRA(linear, rank=4, alpha=8))
+    dora, original = dora_with_an_update()
+    linear = dora.linear
     dora.merge()
     with torch.no_grad():
         dora.m.mul_(3)
@@ -267,10 +271,7 @@ def test_merging_a_dora_layer_whose_weight_is_tied_is_refused():
 
 
 def test_a_merged_dora_state_loaded_into_a_merged_layer_unmerges_to_its_own_base():
-    torch.manual_seed(0)
-    linear = nn.Linear(16, 8)
-    original = linear.weight.detach().clone()
-    saved = trained_like(LinearWithDoRA(linear, rank=4, alpha=8))
+    saved, original = dora_with_an_update()
     saved.merge()
     state = copy.deepcopy(saved.state_dict())
     other = trained_like(LinearWithDoRA(nn.Linear(16, 8), rank=4, alpha=8), seed=1)

@@ -210,10 +210,10 @@ def test_breakdowns_takes_any_iterable_of_batches_and_warns_once_about_a_large_r
 @pytest.mark.parametrize(
     ("n_blocks", "message"),
     [
-        (0, "from 1 to 12 .the blocks of gpt2-small., got 0"),
-        (13, "from 1 to 12"),
-        (2.0, "whole number, got 2.0; e.g. n_blocks=2"),
-        (True, "whole number"),
+        (0, "n_blocks must be a positive integer, got 0; e.g. n_blocks=2"),
+        (13, "from 1 to 12 .the blocks of gpt2-small., got 13"),
+        (2.0, "positive integer, got 2.0; e.g. n_blocks=2"),
+        (True, "positive integer, got True"),
     ],
 )
 def test_a_model_of_fewer_blocks_is_asked_for_with_a_number_of_its_blocks(n_blocks, message):
