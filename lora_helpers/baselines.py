@@ -184,19 +184,52 @@ def fit_bag_of_words(
 
 
 class Baseline(NamedTuple):
-    """A fitted baseline: what it does, in words, and predict(texts) -> labels (n,)."""
+    """A fitted baseline: what it does, in words, and predict(texts) -> labels (n,).
+
+    predict raises TypeError unless texts is a list of str (one str: pass [text]).
+    """
 
     rule: str
     predict: Callable[[Sequence[str]], torch.Tensor]
+
+
+def _check_texts(texts: Sequence[str]) -> None:
+    """Raise TypeError unless `texts` is a list of str (a single str would be read per character)."""
+    if isinstance(texts, str):
+        raise TypeError(
+            f"predict takes a list of texts, got one str ({texts[:30]!r}); pass [text] instead."
+        )
+    if not all(isinstance(text, str) for text in texts):
+        kind = next(type(text).__name__ for text in texts if not isinstance(text, str))
+        raise TypeError(
+            f"predict takes a list of texts (str), got one holding a {kind}; for rows "
+            "(text, label) pass [text for text, _ in rows]."
+        )
+
+
+def _is_row(row: object) -> bool:
+    return isinstance(row, tuple | list) and len(row) == 2 and isinstance(row[0], str)
 
 
 def fit_baselines(rows: Sequence[Row], tokenizer: Encoding) -> dict[str, Baseline]:
     """The three baselines fitted on `rows` (the training rows (text, label)); the bag of
     words with fit_bag_of_words' default L2 penalty.
 
-    Keys: "majority class", "length rule", "bag of words". Raises ValueError if `rows` is
-    empty or has a label other than 0 or 1.
+    Keys: "majority class", "length rule", "bag of words". Raises TypeError unless `rows`
+    is a list of (text, label) pairs (the whole Splits: pass splits.train), ValueError if
+    it is empty or has a label other than 0 or 1.
     """
+    if isinstance(rows, Splits):
+        raise TypeError(
+            "fit_baselines takes the training rows, got the whole Splits; pass splits.train "
+            "(baselines are fitted on training rows only)."
+        )
+    if isinstance(rows, str) or not all(_is_row(row) for row in rows):
+        found = rows if isinstance(rows, str) else next(r for r in rows if not _is_row(r))
+        raise TypeError(
+            f"fit_baselines takes a list of (text, label) rows, but got {found!r:.60} where a "
+            "row should be; pass the training rows, e.g. splits.train."
+        )
     tokens = [tokenizer.encode_ordinary(text) for text, _ in rows]
     labels = [label for _, label in rows]
     majority = majority_class(labels)
@@ -204,12 +237,15 @@ def fit_baselines(rows: Sequence[Row], tokenizer: Encoding) -> dict[str, Baselin
     bag = fit_bag_of_words(tokens, labels)
 
     def encode(texts: Sequence[str]) -> list[list[int]]:
+        _check_texts(texts)
         return [tokenizer.encode_ordinary(text) for text in texts]
 
+    def always(texts: Sequence[str]) -> torch.Tensor:
+        _check_texts(texts)
+        return torch.full((len(texts),), majority)
+
     return {
-        "majority class": Baseline(
-            f"always {LABELS[majority]}", lambda texts: torch.full((len(texts),), majority)
-        ),
+        "majority class": Baseline(f"always {LABELS[majority]}", always),
         "length rule": Baseline(
             str(rule), lambda texts: rule.predict(torch.tensor([len(t) for t in encode(texts)]))
         ),
@@ -221,7 +257,20 @@ def fit_baselines(rows: Sequence[Row], tokenizer: Encoding) -> dict[str, Baselin
 
 
 def score(fitted: dict[str, Baseline], splits: Splits) -> dict[str, dict[str, float]]:
-    """Accuracy of each baseline on each split: name -> {"train": .., "val": .., "test": ..}."""
+    """Accuracy of each baseline on each split: name -> {"train": .., "val": .., "test": ..}.
+
+    Raises TypeError unless `fitted` is fit_baselines' dict and `splits` the whole Splits.
+    """
+    if not isinstance(fitted, dict):
+        raise TypeError(
+            f"fitted must be the dict that fit_baselines returns, got a {type(fitted).__name__}; "
+            "call score(fit_baselines(splits.train, tokenizer), splits)."
+        )
+    if not isinstance(splits, Splits):
+        raise TypeError(
+            f"score takes the whole Splits (train, val, test) and scores each, got a "
+            f"{type(splits).__name__}; pass splits, not one split such as splits.test."
+        )
     return {
         name: {
             split: accuracy(baseline.predict([text for text, _ in part]), [y for _, y in part])

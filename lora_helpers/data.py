@@ -159,9 +159,21 @@ def sms_spam_path() -> Path:
 
 
 def load_sms_spam(path: str | Path | None = None) -> list[Row]:
-    """All 5,574 rows of the SMS Spam Collection, checked; downloads it if needed."""
+    """All 5,574 rows of the SMS Spam Collection, checked; downloads it if needed.
+
+    Raises AssetError when the file is not UTF-8 text or has other counts than v.1,
+    ValueError when a line is not `label<TAB>message`.
+    """
     path = sms_spam_path() if path is None else Path(path)
-    rows = parse_sms(path.read_text(encoding="utf-8"))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise AssetError(
+            f"{path} is not UTF-8 text ({error.reason} at byte {error.start:,}), so it is not "
+            f"SMSSpamCollection, the text file inside the SMS Spam Collection zip; pass that "
+            f"file, or delete this one and run again to download v.1 from {SMS_URL}."
+        ) from None
+    rows = parse_sms(text)
     check_sms_counts(rows, path)
     return rows
 
@@ -226,7 +238,8 @@ def split(rows: list[Row], fractions: tuple[float, float] = (0.7, 0.1), seed: in
 def subset(splits: Splits, sizes: tuple[int, int, int]) -> Splits:
     """The first `sizes` rows of train, val and test (the splits are already shuffled).
 
-    Raises ValueError unless `sizes` is three non-negative ints (train, val, test).
+    Raises ValueError unless `sizes` is three non-negative ints (train, val, test), each at
+    most its split's size.
     """
     if not (
         not isinstance(sizes, str)
@@ -240,6 +253,12 @@ def subset(splits: Splits, sizes: tuple[int, int, int]) -> Splits:
             f"sizes must be three non-negative ints (train, val, test), got {sizes!r}; "
             "e.g. (320, 149, 300)."
         )
+    for name, part, n in zip(Splits._fields, splits, sizes, strict=True):
+        if n > len(part):
+            raise ValueError(
+                f"The {name} split has {len(part):,} rows, fewer than the {int(n):,} asked for; "
+                f"ask for at most {len(part):,} (sizes {tuple(int(k) for k in sizes)})."
+            )
     return Splits(*(part[: int(n)] for part, n in zip(splits, sizes, strict=True)))
 
 
@@ -247,8 +266,10 @@ def encode(texts: list[str], tokenizer: Encoding, max_length: int | None = None)
     """Token ids (n, max_length), padded with <|endoftext|> (50256) and truncated.
 
     max_length=None pads to the longest text. Raises TypeError for a single str (pass a
-    list), ValueError for no texts or max_length < 1.
+    list), ValueError for no texts, only empty texts, or a max_length that is not a positive int.
     """
+    if max_length is not None:
+        positive_int("max_length", max_length, "pass an int, or None to pad to the longest text")
     if isinstance(texts, str):
         raise TypeError("texts must be a list of strings, got one str; pass [text] instead.")
     if not texts:
@@ -256,7 +277,7 @@ def encode(texts: list[str], tokenizer: Encoding, max_length: int | None = None)
     ids = [tokenizer.encode_ordinary(t) for t in texts]
     length = max(len(i) for i in ids) if max_length is None else max_length
     if length < 1:
-        raise ValueError(f"max_length must be at least 1, got {length}.")
+        raise ValueError("Every text is empty (0 tokens); give at least one non-empty text.")
     out = torch.full((len(ids), length), PAD_ID, dtype=torch.long)
     for row, tokens in enumerate(ids):
         tokens = tokens[:length]
@@ -295,7 +316,8 @@ def make_loaders(
     """DataLoaders of (ids (batch, max_length), labels (batch,)); train is shuffled (seeded).
 
     Every split is padded to the longest training message, cut at `max_length` if given.
-    Raises TypeError unless `splits` is a Splits, ValueError for an empty split.
+    Raises TypeError unless `splits` is a Splits, ValueError for an empty split or a
+    batch_size or max_length that is not a positive int.
     """
     if not isinstance(splits, Splits):
         raise TypeError(
@@ -303,6 +325,10 @@ def make_loaders(
             f"{type(splits).__name__}; call make_loaders(split(rows), tokenizer)."
         )
     positive_int("batch_size", batch_size)
+    if max_length is not None:
+        positive_int(
+            "max_length", max_length, "pass an int, or None to pad to the longest training text"
+        )
     if not all(splits):
         raise ValueError(
             f"A split is empty (sizes {[len(part) for part in splits]}); give each split rows."

@@ -393,9 +393,15 @@ def load_gpt2_safetensors(model: GPTModel, path: str | os.PathLike) -> None:
     Keys may carry the "transformer." prefix or not. Conv1D weights (in, out) are
     transposed to nn.Linear's (out, in); the fused c_attn is split into W_query, W_key,
     W_value. out_head stays tied to tok_emb (a classifier head from to_classifier is left
-    as it is). Raises ValueError naming the tensor when names or shapes do not fit.
+    as it is). Raises FileNotFoundError when `path` does not exist, ValueError naming the
+    tensor when names or shapes do not fit.
     """
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} does not exist; download_gpt2_weights(name) (e.g. 'gpt2-small') fetches "
+            "GPT-2's model.safetensors and returns the path to pass here."
+        )
     plan = _match(model, path)
     with safe_open(path, framework="pt") as f:
         for key, targets, conv in plan:
@@ -695,13 +701,53 @@ def classify_logits(
 
     lengths (batch,): the number of real tokens per row when rows are right-padded; the
     last real token is then read instead of the last position.
+    Checks before the forward pass: TypeError unless idx is a tensor (of integers, for a
+    GPTModel) and lengths, if given, a tensor of integers (torch.long); ValueError unless
+    idx has shape (batch, tokens) with tokens >= 1 and (for a GPTModel) ids in
+    [0, vocab_size), and lengths shape (batch,) with values in 1..tokens.
     """
+    integer = (torch.long, torch.int)
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(
+            f"idx must be a tensor of token ids (batch, tokens), got a {type(idx).__name__}; "
+            "pass torch.tensor(ids), with .unsqueeze(0) for one sequence."
+        )
+    if idx.dim() != 2 or idx.shape[1] < 1:
+        raise ValueError(
+            f"idx must have shape (batch, tokens) with at least one token, got shape "
+            f"{tuple(idx.shape)}; add a batch dimension with ids.unsqueeze(0)."
+        )
+    if isinstance(model, GPTModel) and idx.numel():
+        if idx.dtype not in integer:
+            raise TypeError(
+                f"idx must hold integer token ids, got dtype {idx.dtype}; pass idx.long()."
+            )
+        low, high = (int(v) for v in torch.aminmax(idx))
+        vocab = model.tok_emb.num_embeddings
+        if low < 0 or high >= vocab:
+            raise ValueError(
+                f"Token ids must be in [0, {vocab}) for this model, got ids from {low} to "
+                f"{high}; encode the text with the model's tokenizer (get_tokenizer())."
+            )
+    if lengths is not None:
+        if not isinstance(lengths, torch.Tensor) or lengths.dtype not in integer:
+            what = (
+                f"dtype {lengths.dtype}"
+                if isinstance(lengths, torch.Tensor)
+                else f"a {type(lengths).__name__}"
+            )
+            raise TypeError(
+                f"lengths must be a tensor of integers (torch.long), got {what}; pass "
+                "torch.tensor(lengths)."
+            )
+        if lengths.shape != (idx.shape[0],) or (
+            lengths.numel() and (lengths.min() < 1 or lengths.max() > idx.shape[1])
+        ):
+            raise ValueError(
+                f"lengths must have shape ({idx.shape[0]},) with values in 1..{idx.shape[1]}, "
+                f"got {lengths.tolist()}."
+            )
     logits = model(idx)  # (batch, tokens, n_classes)
     if lengths is None:
         return logits[:, -1, :]
-    if lengths.shape != (idx.shape[0],) or lengths.min() < 1 or lengths.max() > idx.shape[1]:
-        raise ValueError(
-            f"lengths must have shape ({idx.shape[0]},) with values in 1..{idx.shape[1]}, got "
-            f"{lengths.tolist()}."
-        )
     return logits[torch.arange(idx.shape[0], device=idx.device), lengths - 1]

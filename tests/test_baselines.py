@@ -132,6 +132,25 @@ def test_baselines_fit_on_train_and_score_every_split():
         baselines.fit_baselines([], CharTokenizer())
 
 
+def test_baselines_refuse_one_string_a_whole_splits_and_one_split_in_place_of_all():
+    rows = [("ok see you", 0), ("WIN a prize now!!", 1), ("at home", 0)]
+    splits = Splits(rows, rows, rows)
+    fitted = baselines.fit_baselines(rows, CharTokenizer())
+    for baseline in fitted.values():
+        with pytest.raises(TypeError, match=r"got one str \('hello there'\); pass \[text\]"):
+            baseline.predict("hello there")
+        with pytest.raises(TypeError, match=r"holding a tuple; for rows"):
+            baseline.predict(rows)
+    with pytest.raises(TypeError, match=r"got the whole Splits; pass splits\.train"):
+        baselines.fit_baselines(splits, CharTokenizer())
+    with pytest.raises(TypeError, match=r"got \('a', 0, 1\) where a row should be"):
+        baselines.fit_baselines([("a", 0, 1)], CharTokenizer())
+    with pytest.raises(TypeError, match=r"got a list; pass splits, not one split"):
+        baselines.score(fitted, splits.test)
+    with pytest.raises(TypeError, match="the dict that fit_baselines returns"):
+        baselines.score(fitted["length rule"], splits)
+
+
 # ------------------------------------------------- what notebook 05 concludes, at tiny size
 
 

@@ -201,6 +201,29 @@ def test_subset_refuses_bad_sizes(sizes):
     assert [len(p) for p in data.subset(splits, [5, 2, 0])] == [5, 2, 0]
 
 
+def test_subset_refuses_more_rows_than_a_split_has():
+    splits = data.Splits([("a", 0)] * 70, [("b", 1)] * 10, [("c", 0)] * 20)
+    with pytest.raises(ValueError, match="The val split has 10 rows, fewer than the 1,000"):
+        data.subset(splits, (5, 1000, 0))
+    assert [len(p) for p in data.subset(splits, (70, 10, 20))] == [70, 10, 20]
+
+
+@pytest.mark.parametrize("max_length", ["40", 2.5, 0])
+def test_encode_and_make_loaders_refuse_a_max_length_that_is_not_a_positive_int(max_length):
+    splits = data.Splits([("ab", 0)] * 2, [("cd", 1)], [("ef", 0)])
+    with pytest.raises(ValueError, match=r"max_length must be a positive integer.*or None"):
+        data.encode(["hi"], CharTokenizer(), max_length)
+    with pytest.raises(ValueError, match=r"max_length must be a positive integer.*or None"):
+        data.make_loaders(splits, CharTokenizer(), max_length=max_length)
+
+
+def test_a_file_that_is_not_utf8_names_itself_and_what_was_expected(tmp_path):
+    path = tmp_path / "sms.zip"
+    path.write_bytes(b"PK\x03\x04\xff\xfe not text")
+    with pytest.raises(AssetError, match=r"sms\.zip is not UTF-8 text.*inside the SMS Spam"):
+        data.load_sms_spam(path)
+
+
 def test_balance_refuses_no_rows():
     with pytest.raises(ValueError, match="at least one row"):
         data.balance([])

@@ -210,6 +210,11 @@ def test_a_file_that_is_not_gpt2_or_not_safetensors_is_a_clear_error(tmp_path):
         load_gpt2_safetensors(_tiny_model(), tmp_path / "junk.safetensors")
 
 
+def test_a_missing_file_says_it_does_not_exist_and_how_to_get_one(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"does not exist; download_gpt2_weights\(name\)"):
+        load_gpt2_safetensors(_tiny_model(), tmp_path / "missing.safetensors")
+
+
 def test_loading_after_lora_is_refused(hf_files):
     model = replace_linear_with_lora(_tiny_model(), 2, 2, ["W_query"])
     with pytest.raises(ValueError, match="load the pretrained weights first"):
@@ -391,6 +396,34 @@ def test_classifier_head_reads_the_last_or_last_real_token():
         classify_logits(model, ids, lengths=torch.tensor([0, 6]))
     with pytest.raises(ValueError, match="n_classes must be a positive integer"):
         to_classifier(model, 0)
+
+
+class _NoForward(GPTModel):
+    def forward(self, in_idx: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("classify_logits ran the model before checking its arguments")
+
+
+@pytest.mark.parametrize(
+    ("idx", "lengths", "error", "message"),
+    [
+        (torch.zeros(2, 6), None, TypeError, r"dtype torch.float32; pass idx.long\(\)"),
+        ([[1, 2, 3]], None, TypeError, r"got a list; pass torch.tensor\(ids\)"),
+        (torch.zeros(6, dtype=torch.long), None, ValueError, r"shape \(batch, tokens\)"),
+        (torch.zeros(2, 0, dtype=torch.long), None, ValueError, "at least one token"),
+        (torch.tensor([[1, 60]]), None, ValueError, r"in \[0, 60\).*from 1 to 60; encode"),
+        (torch.tensor([[-1, 2]]), None, ValueError, r"from -1 to 2"),
+        (torch.ones(2, 6, dtype=torch.long), [2, 6], TypeError, r"got a list; pass torch.tensor"),
+        (torch.ones(2, 6, dtype=torch.long), torch.tensor([2.0, 6.0]), TypeError, "integers"),
+        (torch.ones(2, 6, dtype=torch.long), torch.tensor([2]), ValueError, r"shape \(2,\)"),
+    ],
+)
+def test_classify_logits_checks_ids_and_lengths_before_the_forward_pass(
+    idx, lengths, error, message
+):
+    torch.manual_seed(0)
+    model = to_classifier(_NoForward(SMALL), 2)
+    with pytest.raises(error, match=message):
+        classify_logits(model, idx, lengths)
 
 
 def test_set_dropout_reaches_every_dropout_and_refuses_a_bad_probability():
