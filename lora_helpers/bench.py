@@ -19,12 +19,16 @@ one mode frees changes how fast another gets memory (on Linux, page faults of fr
 allocations cost a CPU step up to a third of its time). Each process runs two warm-up
 steps (they create the AdamW states and give the memory peak); then the processes take
 turns step by step, so that noise on a shared machine hits the modes alike. The step time
-is the median of the timed steps, with the device synchronised. Peak memory is CUDA's allocator peak on a CUDA GPU; elsewhere it is computed:
-weights + gradients + AdamW states + the tensors autograd saves for backward (counted
-during a step), and the JSON says which. Checkpoint bytes are what each mode must save
+is the median of the timed steps, with the device synchronised; `summary` adds their middle
+half (lower to upper quartile), and `ratios` compares two modes round by round. Peak memory
+is CUDA's allocator peak on a CUDA GPU; elsewhere it is computed: weights + gradients +
+AdamW states + the tensors autograd saves for backward (counted during a step), and the
+JSON says which. Checkpoint bytes are what each mode must save
 (train.save_checkpoint: the adapter for LoRA, the whole model for full fine-tuning, the
 block for last-block; PEFT's save_pretrained for peft-lora). Inference latency is a forward
-pass of the base, of LoRA unmerged and of LoRA merged (lora.merge_lora), in turns too.
+pass of the base, of LoRA unmerged and of LoRA merged (lora.merge_lora), in turns too (the
+JSON keeps each pass's seconds under "inference_seconds_each", each step's under a mode's
+"step_seconds_each").
 
 Writes <out>/bench-<device>-<size>.json and .png (device: "cpu", "mps" or the GPU's name).
 """
@@ -515,7 +519,8 @@ def run(
         "batch": batch,
         "tokens": tokens,
         "modes": results,
-        "inference": inference,
+        "inference": {name: statistics.median(times) for name, times in inference.items()},
+        "inference_seconds_each": inference,
         "steps": steps,
         "warmup_steps": WARMUP_STEPS,
         "rank": rank,
@@ -537,9 +542,10 @@ def _checkpoint_bytes(model: nn.Module, mode: str, scratch: Path, source: GPT2So
 
 def _inference_latency(
     setting: _Setting, device: torch.device, steps: int, bar
-) -> dict[str, float]:
-    """Median seconds of a forward pass of the base, LoRA unmerged and LoRA merged, in turns;
-    B is drawn at random (as after training), so that merging changes the weights."""
+) -> dict[str, list[float]]:
+    """Seconds of `steps` forward passes each of the base, LoRA unmerged and LoRA merged, in
+    turns, after one pass each to warm up; B is drawn at random (as after training), so that
+    merging changes the weights."""
     torch.manual_seed(0)
     ids = torch.randint(setting.cfg["vocab_size"], (setting.batch, setting.tokens), device=device)
     with torch.device(device):
@@ -557,33 +563,84 @@ def _inference_latency(
             if i:  # the first pass of each warms up
                 times[name].append(seconds)
             bar.update(1)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
 
 
 # ---------------------------------------------------------------------- the results
 
 
-def ratios(result: dict) -> dict[str, float]:
-    """The acceptance ratios of one result (NaN where a mode is missing): step time of
-    LoRA / full and of ours / PEFT's; latency of merged / base and unmerged / base."""
-    step = {mode: r["step_seconds"] for mode, r in result["modes"].items()}
-    inference = result["inference"]
-    return {
-        "lora / full step time": step.get("lora", math.nan) / step.get("full", math.nan),
-        "lora / peft-lora step time": step.get("lora", math.nan) / step.get("peft-lora", math.nan),
-        "merged / base inference": inference["lora-merged"] / inference["base"],
-        "unmerged / base inference": inference["lora-unmerged"] / inference["base"],
-    }
+class Middle(NamedTuple):
+    """The median of repeated measurements and their middle half (lower to upper quartile)."""
+
+    median: float
+    low: float
+    high: float
+
+    def format(self, fmt: str = ".2f", scale: float = 1.0) -> str:
+        median, low, high = (scale * v for v in self)
+        return f"{median:{fmt}} ({low:{fmt}}-{high:{fmt}})"
+
+
+def middle_half(values: Sequence[float]) -> Middle:
+    """Median and quartiles of `values` (NaN for none): robust to the odd step that a busy
+    machine slows down many times over."""
+    if len(values) < 2:
+        value = values[0] if values else math.nan
+        return Middle(value, value, value)
+    low, median, high = statistics.quantiles(values, n=4, method="inclusive")
+    return Middle(median, low, high)
+
+
+#: The ratios a result is judged by: name -> (numerator, denominator, which timings).
+RATIOS = {
+    "lora / full step time": ("lora", "full", "modes"),
+    "last-block / full step time": ("last-block", "full", "modes"),
+    "lora / peft-lora step time": ("lora", "peft-lora", "modes"),
+    "merged / base inference": ("lora-merged", "base", "inference"),
+    "unmerged / base inference": ("lora-unmerged", "base", "inference"),
+}
+
+
+def ratio(result: dict, numerator: str, denominator: str, kind: str = "modes") -> Middle:
+    """Timings of `numerator` over those of `denominator` (modes, or with kind="inference" the
+    models of the inference latency), round by round: they took turns, so the two timings of
+    one round met the same load on the machine. The median of the per-round ratios with their
+    middle half; NaN when either did not run. Raises ValueError for another kind."""
+    if kind not in ("modes", "inference"):
+        raise ValueError(f"kind must be 'modes' or 'inference', got {kind!r}.")
+    if kind == "modes":
+        top, bottom = (
+            result["modes"].get(n, {}).get("step_seconds_each") for n in (numerator, denominator)
+        )
+    else:
+        top, bottom = (result["inference_seconds_each"].get(n) for n in (numerator, denominator))
+    per_round = [a / b for a, b in zip(top, bottom, strict=True)] if top and bottom else []
+    return middle_half(per_round)
+
+
+def ratios(result: dict) -> dict[str, Middle]:
+    """The ratios of RATIOS (see `ratio`)."""
+    return {name: ratio(result, *how) for name, how in RATIOS.items()}
+
+
+def verdict(per_round: Middle) -> str:
+    """'below 1' or 'above 1' when the middle half of the per-round ratios lies wholly on one
+    side of 1, else that the two are within the round-to-round spread."""
+    if per_round.high < 1:
+        return "below 1 in at least 3 rounds of 4"
+    if per_round.low > 1:
+        return "above 1 in at least 3 rounds of 4"
+    return "within the round-to-round spread: no measurable difference"
 
 
 def summary(result: dict) -> str:
-    """A text table of one result: per mode, step time, tokens/s, trainable parameters,
-    peak memory (computed ones marked *), checkpoint; then inference and the ratios whose
-    modes ran."""
+    """A text table of one result: per mode, step time (median and middle half), tokens/s,
+    trainable parameters, peak memory (computed ones marked *), checkpoint; then inference
+    and the ratios whose modes ran, each with its middle half and verdict."""
     rows = [
         [
             mode,
-            f"{1000 * r['step_seconds']:,.1f} ms",
+            middle_half(r["step_seconds_each"]).format(",.0f", 1000) + " ms",
             f"{r['tokens_per_second']:,.0f}",
             f"{r['trainable_params']:,}",
             format_bytes(r["peak_memory_bytes"], gb_digits=1)
@@ -592,18 +649,25 @@ def summary(result: dict) -> str:
         ]
         for mode, r in result["modes"].items()
     ]
-    headers = ["mode", "step", "tokens/s", "trainable", "peak memory", "checkpoint"]
+    headers = ["mode", "step (middle half)", "tokens/s", "trainable", "peak memory", "checkpoint"]
     lines = [
         f"{result['size']}, batch {result['batch']} x {result['tokens']} tokens, on "
-        f"{result['device_name']} ({result['precision']}); medians of {result['steps']} steps",
+        f"{result['device_name']} ({result['precision']}); medians of {result['steps']} steps "
+        "and, in brackets, the middle half of them (lower to upper quartile)",
         format_table(headers, rows),
     ]
     if any("computed" in r["peak_memory_method"] for r in result["modes"].values()):
         lines.append("* computed: weights + gradients + AdamW states + activations")
-    latency = ", ".join(f"{k} {1000 * v:,.1f} ms" for k, v in result["inference"].items())
+    latency = ", ".join(
+        f"{name} {middle_half(times).format(',.0f', 1000)} ms"
+        for name, times in result["inference_seconds_each"].items()
+    )
     lines.append(f"inference (one forward pass): {latency}")
+    lines.append("ratios, round by round (median and middle half of the rounds):")
     lines += [
-        f"{name}: {value:.2f}" for name, value in ratios(result).items() if not math.isnan(value)
+        f"  {name}: {middle.format()}, {verdict(middle)}"
+        for name, middle in ratios(result).items()
+        if not math.isnan(middle.median)
     ]
     return "\n".join(lines)
 
@@ -634,8 +698,8 @@ def plot_bench(result: dict) -> Figure:
     modes = list(result["modes"])
     rows = result["modes"]
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.6))
-    axes[0].bar(modes, [1000 * rows[m]["step_seconds"] for m in modes], color="tab:blue")
-    axes[0].set(ylabel="ms per training step", title="step time (median)")
+    _bars_with_middle_half(axes[0], {m: rows[m]["step_seconds_each"] for m in modes}, "tab:blue")
+    axes[0].set(ylabel="ms per training step", title="step time (median, middle half)")
     bottom = [0.0] * len(modes)
     parts = ("weights", "gradients", "adamw_states", "activations")
     for part in parts:
@@ -654,9 +718,8 @@ def plot_bench(result: dict) -> Figure:
     axes[1].legend(fontsize=7)
     axes[2].bar(modes, [rows[m]["checkpoint_bytes"] / 1e6 for m in modes], color="tab:green")
     axes[2].set(ylabel="MB", yscale="log", title="checkpoint")
-    names = list(result["inference"])
-    axes[3].bar(names, [1000 * result["inference"][n] for n in names], color="tab:purple")
-    axes[3].set(ylabel="ms per forward pass", title="inference")
+    _bars_with_middle_half(axes[3], result["inference_seconds_each"], "tab:purple")
+    axes[3].set(ylabel="ms per forward pass", title="inference (median, middle half)")
     for ax in axes:
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
         ax.grid(axis="y", alpha=0.3)
@@ -667,6 +730,15 @@ def plot_bench(result: dict) -> Figure:
     )
     fig.tight_layout()
     return fig
+
+
+def _bars_with_middle_half(ax, seconds: dict[str, list[float]], color: str) -> None:
+    """Bars of the median milliseconds, with the middle half of the timings as error bars."""
+    middles = [middle_half(times) for times in seconds.values()]
+    heights = [1000 * m.median for m in middles]
+    below = [1000 * (m.median - m.low) for m in middles]
+    above = [1000 * (m.high - m.median) for m in middles]
+    ax.bar(list(seconds), heights, yerr=[below, above], capsize=3, color=color)
 
 
 def write_results(result: dict, out: str | os.PathLike) -> tuple[Path, Path]:
