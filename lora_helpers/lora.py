@@ -545,15 +545,22 @@ def mark_only_lora_as_trainable(model: nn.Module) -> nn.Module:
     """Freeze everything, then unfreeze the A and B of every LoRA layer; returns `model`.
 
     LoRA on a quantised base (quant.QuantizedLinearWithLoRA) counts as LoRA. Raises
-    ValueError for a model whose adapters are DoRA layers (their magnitude m would stay frozen).
+    ValueError, changing nothing, for a model whose adapters are DoRA layers (their magnitude
+    m would stay frozen) or a model without LoRA layers (nothing would be left to train).
     """
     _refuse_other_adapters(model, "mark_only_lora_as_trainable", ("QuantizedLinearWithLoRA",))
+    quantised = [n for n, kind in _other_adapters(model) if kind == "QuantizedLinearWithLoRA"]
+    if not quantised and not any(True for _ in lora_layers(model)):
+        raise ValueError(
+            "The model has no LoRA layers, so mark_only_lora_as_trainable would freeze every "
+            "parameter; add LoRA first with replace_linear_with_lora(model, rank, alpha) (or "
+            "wrap_linear_layers)."
+        )
     freeze(model)
     for _, layer in lora_layers(model):
         layer.lora.requires_grad_(True)
-    for name, kind in _other_adapters(model):
-        if kind == "QuantizedLinearWithLoRA":  # not DoRA's A and B without its m
-            model.get_submodule(name).lora.requires_grad_(True)
+    for name in quantised:  # not DoRA's A and B without its m
+        model.get_submodule(name).lora.requires_grad_(True)
     return model
 
 

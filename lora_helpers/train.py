@@ -62,10 +62,15 @@ class TrainingStopped(RuntimeError):
     """Training stopped early for a reason the message explains (NaN loss, out of memory)."""
 
 
-def pick_device(prefer: str | None = None) -> torch.device:
-    """CUDA if available, then Apple's MPS, then CPU (or `prefer`); prints the choice."""
+def pick_device(prefer: str | torch.device | None = None) -> torch.device:
+    """CUDA if available, then Apple's MPS, then CPU; prints the choice.
+
+    prefer: a device to use instead, such as "cpu", "cuda", "cuda:1" or "mps" (None: the
+    best there is). Raises ValueError for a name torch does not know or a CUDA or MPS device
+    this machine lacks.
+    """
     if prefer is not None:
-        device = torch.device(prefer)
+        device = _device_asked(prefer)
         why = "as asked"
     elif torch.cuda.is_available():
         device, why = torch.device("cuda"), torch.cuda.get_device_name(0)
@@ -77,8 +82,25 @@ def pick_device(prefer: str | None = None) -> torch.device:
     return device
 
 
-def device_slug(device: torch.device) -> str:
+def _device_asked(prefer: str | torch.device) -> torch.device:
+    """torch.device(prefer), refused (ValueError) where this machine does not have it."""
+    fix = "leave the argument out to use the best device there is, or pass 'cpu'"
+    try:
+        device = torch.device(prefer)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"Unknown device {prefer!r}; {fix}.") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        have = torch.cuda.device_count()
+        which = f" {str(device)!r} (this machine has {have})" if have else ""
+        raise ValueError(f"No CUDA device{which} here; {fix}.")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"No Apple MPS device here; {fix}.")
+    return device
+
+
+def device_slug(device: torch.device | str) -> str:
     """A file-name-safe device name: "nvidia-h100-80gb-hbm3", "mps", "cpu"."""
+    device = torch.device(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
@@ -153,7 +175,7 @@ class History:
         return self.steps[self.val_loss.index(self.best_val_loss)]
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
+def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
     """The mixed-precision dtype for training on `device`: None means plain float32.
 
     bf16 on CUDA GPUs that compute it natively (Ampere and newer); fp16, with a gradient
@@ -161,6 +183,7 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     torch.cuda.is_bf16_supported() alone is True but bf16 is only emulated, and slow.
     None on CPU and MPS.
     """
+    device = torch.device(device)
     if device.type != "cuda":
         return None
     with torch.cuda.device(device) if device.index is not None else contextlib.nullcontext():
@@ -176,12 +199,16 @@ def _autocast(device: torch.device):
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: DataLoader, device: torch.device, max_batches: int | None = None
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device | str,
+    max_batches: int | None = None,
 ) -> tuple[float, float]:
     """(mean cross-entropy loss, accuracy) over `loader`, or its first `max_batches` batches.
 
     Measured in eval mode; the model's modes are restored afterwards.
     """
+    device = torch.device(device)
     total_loss, correct, seen = 0.0, 0, 0
     with evaluating(model):
         for i, (ids, labels) in enumerate(loader):
@@ -210,7 +237,7 @@ def train_classifier(
     train_loader: DataLoader,
     val_loader: DataLoader,
     *,
-    device: torch.device,
+    device: torch.device | str,
     epochs: int = 5,
     lr: float = 8e-4,
     weight_decay: float = 0.1,
@@ -232,7 +259,11 @@ def train_classifier(
     the train/eval mode it had before. grad_clip: the largest gradient norm, clipped to
     before each step (None: no clipping, as the reference).
     A NaN loss or running out of memory stops with a TrainingStopped that says what to change.
+    Raises ValueError, before training, for a model without trainable parameters or whose
+    out_head does not have one output per class of the labels (forgotten to_classifier), and
+    for bad settings.
     """
+    device = torch.device(device)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(
@@ -240,6 +271,7 @@ def train_classifier(
         )
     if epochs < 1 or len(train_loader) == 0:
         raise ValueError("Need epochs >= 1 and a non-empty training loader.")
+    _check_head(model, train_loader)
     _check_grad_clip(grad_clip)
     seed_everything(seed)
     if train_loader.generator is not None:  # the same batches in the same order on every run
@@ -320,6 +352,27 @@ def train_classifier(
         return history
 
 
+def _check_head(model: nn.Module, loader: DataLoader) -> None:
+    """Raise ValueError unless model.out_head has one output per class of `loader`'s labels.
+
+    The classes are the SMS task's two (data.LABELS), or 0 to the largest label if that is
+    more. Catches a GPTModel still carrying its language-model head (vocab_size outputs),
+    which would train without complaint and classify nothing. A model without an
+    out_head.out_features, or a loader over a dataset without a length, is not checked.
+    """
+    outputs = getattr(getattr(model, "out_head", None), "out_features", None)
+    dataset = loader.dataset
+    if outputs is None or not hasattr(dataset, "__len__"):
+        return
+    labels = [int(dataset[i][1]) for i in range(len(dataset))]
+    classes = max(len(LABELS), max(labels, default=0) + 1)
+    if outputs != classes:
+        raise ValueError(
+            f"The model's head has {outputs} outputs but the labels have {classes} classes; "
+            f"call gpt2.to_classifier(model, {classes}) first."
+        )
+
+
 def _train_step(
     model, optimizer, scaler, params, ids, labels, device, grad_clip
 ) -> tuple[float, int]:
@@ -386,9 +439,25 @@ class Recipe:
     keep_best: bool = False  # score each run at its best validation step (early stopping)
 
     def __post_init__(self) -> None:
-        """Refuse settings that cannot train, each with one sentence naming it (ValueError)."""
+        """Refuse settings that cannot train, each with one sentence naming it (ValueError;
+        TypeError for an lr, lr_grid or seeds that is not the dict or tuple it must be)."""
         for name in ("epochs", "batch_size", "eval_every"):
             positive_int(name, getattr(self, name))
+        if not isinstance(self.lr, dict):
+            raise TypeError(
+                "lr is a learning rate per mode, a dict such as {'lora': 8e-4, 'full': 5e-5, "
+                f"'last-block': 5e-5}}; got {self.lr!r}."
+            )
+        if self.lr_grid is not None and not (
+            isinstance(self.lr_grid, dict)
+            and all(isinstance(lrs, tuple | list) for lrs in self.lr_grid.values())
+        ):
+            raise TypeError(
+                "lr_grid is the learning rates to try per mode, a dict of tuples such as "
+                f"{{'lora': (2e-4, 8e-4)}}, or None; got {self.lr_grid!r}."
+            )
+        if not isinstance(self.seeds, tuple | list):
+            raise TypeError(f"seeds is a tuple of integers such as (0, 1, 2); got {self.seeds!r}.")
         wd = self.weight_decay
         if isinstance(wd, bool) or not isinstance(wd, numbers.Real) or not 0 <= wd < math.inf:
             raise ValueError(f"weight_decay must be a finite number >= 0, got {wd!r}.")
@@ -403,7 +472,9 @@ class Recipe:
             if getattr(self, name) is not None:
                 positive_int(name, getattr(self, name), "or None, for no limit")
         if self.sizes is not None and (
-            len(self.sizes) != 3 or not all(is_positive_int(n) for n in self.sizes)
+            not isinstance(self.sizes, tuple | list)
+            or len(self.sizes) != 3
+            or not all(is_positive_int(n) for n in self.sizes)
         ):
             raise ValueError(
                 f"sizes must be None or (train, val, test) rows, three positive integers; got "
@@ -486,8 +557,9 @@ QUICK_RECIPE = Recipe(
 )
 
 
-def choose_recipe(device: torch.device, full: bool | None = None) -> Recipe:
+def choose_recipe(device: torch.device | str, full: bool | None = None) -> Recipe:
     """The full recipe on a CUDA GPU, the quick one elsewhere (or as `full` says); prints which."""
+    device = torch.device(device)
     if full is None:
         full = device.type == "cuda"
     if full:
@@ -515,6 +587,7 @@ class RunResult:
     accuracy: dict[str, float]  # "train", "val", "test" (those measured), on the whole split
     recipe: Recipe | None = None
     seed: int = 0
+    device: str = ""  # the device type it trained on: "cuda", "mps", "cpu" ("": not recorded)
 
     @property
     def lr(self) -> float:
@@ -550,6 +623,7 @@ class RunResult:
             "trainable_params": self.trainable,
             "total_params": self.total,
             "peak_memory_bytes": self.peak_memory,
+            "device": self.device,
             "seconds_per_epoch": self.history.seconds_per_epoch,
             "checkpoint_bytes": self.checkpoint_bytes,
             "accuracy": self.accuracy,
@@ -579,7 +653,7 @@ def run_mode(
     loaders: Loaders,
     recipe: Recipe,
     *,
-    device: torch.device,
+    device: torch.device | str,
     checkpoint_dir: str | Path,
     source: GPT2Source,
     seed: int = 123,
@@ -590,10 +664,14 @@ def run_mode(
 
     Accuracy is measured on the whole of each split named in `splits` (of "train", "val",
     "test"), with the weights the run ends with: the best validation step's if
-    recipe.keep_best, else the last step's. Raises ValueError before any training for a
-    checkpoint_dir that cannot be written (assets.writable_folder), unknown splits, a seed that
-    is not an integer, or a mode the recipe has no learning rate for.
+    recipe.keep_best, else the last step's. Raises ValueError before copying `base` for an
+    out_head without one output per class of the labels (forgotten to_classifier), and before
+    any training for a checkpoint_dir that cannot be written (assets.writable_folder),
+    unknown splits, a seed that is not an integer, or a mode the recipe has no learning rate
+    for.
     """
+    device = torch.device(device)
+    _check_head(base, loaders.train)
     # Everything that would fail after training fails here, before it.
     checkpoint_dir = writable_folder(checkpoint_dir, "checkpoint_dir")
     if isinstance(splits, str):
@@ -653,6 +731,7 @@ def run_mode(
         accuracy,
         recipe,
         seed,
+        device.type,
     )
 
 
@@ -662,7 +741,7 @@ def tune_mode(
     loaders: Loaders,
     recipe: Recipe,
     *,
-    device: torch.device,
+    device: torch.device | str,
     checkpoint_dir: str | Path,
     source: GPT2Source,
     reuse: Sequence[RunResult] = (),
@@ -677,6 +756,7 @@ def tune_mode(
     runs: len(grid) + len(seeds) - 1 of them. Every run writes its checkpoint to the same
     place in `checkpoint_dir`.
     """
+    device = torch.device(device)
     grid = recipe.grid(mode)
     bar = tqdm(total=len(grid) + len(recipe.seeds) - 1, desc=mode, unit="run")
 
@@ -764,17 +844,27 @@ def format_bytes(n: float, gb_digits: int = 2) -> str:
     return f"{n:,.{gb_digits}f} GB"
 
 
+def _no_peak(device: str) -> str:
+    """The peak-memory cell of a run without one: why, by the device type it trained on."""
+    if device == "cpu":
+        return "n/a (CPU)"
+    if device:
+        return f"n/a ({device.upper()}: measured on CUDA only)"
+    return "n/a"
+
+
 def results_table(rows: list[dict], *, measured: bool = False, accuracy: bool = True) -> str:
     """A text table of RunResult.row() dicts: parameters, checkpoint size and (unless
     accuracy=False) accuracies, "-" where a split was not measured; or (measured=True) the
-    numbers that vary from run to run: time per epoch and peak memory."""
+    numbers that vary from run to run: time per epoch and peak memory (measured on CUDA
+    only; "n/a" says why for a run on another device)."""
     if measured:
         header = ("mode", "time / epoch", "peak accelerator memory")
         cells = [
             (
                 r["mode"],
                 f"{r['seconds_per_epoch']:.2f} s",
-                "n/a (CPU)"
+                _no_peak(r.get("device", ""))
                 if r["peak_memory_bytes"] is None
                 else f"{r['peak_memory_bytes'] / 2**30:.2f} GiB",
             )

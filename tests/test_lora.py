@@ -728,3 +728,10 @@ def test_a_layer_pickled_before_merged_update_existed_still_unmerges():
     layer.unmerge()
     assert torch.allclose(layer.linear.weight, original, atol=1e-6)
     layer.merge()
+
+
+def test_mark_only_lora_as_trainable_refuses_a_model_without_lora_changing_nothing():
+    model = TinyNet()
+    with pytest.raises(ValueError, match=r"no LoRA layers.*replace_linear_with_lora"):
+        mark_only_lora_as_trainable(model)
+    assert all(p.requires_grad for p in model.parameters())

@@ -638,3 +638,92 @@ def test_run_mode_clips_gradients_only_as_the_recipe_says(monkeypatch, tmp_path,
     steps = result.history.steps_done
     assert steps > 0
     assert norms == ([] if grad_clip is None else [grad_clip] * steps)
+
+
+def test_pick_device_refuses_a_device_this_machine_lacks(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    fix = r"leave the argument out to use the best device there is, or pass 'cpu'\."
+    for asked, problem in (
+        ("cuda", "No CUDA device here"),
+        ("mps", "No Apple MPS device here"),
+        ("gpu", "Unknown device 'gpu'"),
+    ):
+        with pytest.raises(ValueError, match=f"^{problem}; {fix}$"):
+            train.pick_device(asked)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"No CUDA device 'cuda:1' \(this machine has 1\) here"):
+        train.pick_device("cuda:1")
+    assert capsys.readouterr().out == ""  # no "Device: ... (as asked)" for a device not there
+
+
+def test_a_device_given_as_a_string_works(tmp_path, capsys):
+    model, loaders = tiny_classifier(), tiny_loaders()
+    assert train.choose_recipe("cpu") is train.QUICK_RECIPE
+    assert (train.autocast_dtype("cpu"), train.device_slug("cpu")) == (None, "cpu")
+    assert train.evaluate(model, loaders.val, "cpu") == train.evaluate(model, loaders.val, CPU)
+    recipe = train.Recipe(epochs=1, rank=2, alpha=2, eval_every=4, eval_batches=1)
+    result = train.run_mode(
+        model,
+        "lora",
+        loaders,
+        recipe,
+        device="cpu",
+        checkpoint_dir=tmp_path,
+        source=SOURCE,
+        splits=("val",),
+        progress=False,
+    )
+    assert result.row()["device"] == "cpu"
+
+
+def test_results_table_says_why_a_run_has_no_peak_memory():
+    row = {"mode": "lora", "seconds_per_epoch": 1.0, "peak_memory_bytes": None}
+    cells = [
+        train.results_table([{**row, **device}], measured=True)
+        .splitlines()[-1]
+        .split(" | ")[-1]
+        .strip()
+        for device in ({"device": "cpu"}, {"device": "mps"}, {})
+    ]
+    assert cells == ["n/a (CPU)", "n/a (MPS: measured on CUDA only)", "n/a"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"lr": 0.001}, r"lr is a learning rate per mode, a dict such as \{'lora': 8e-4"),
+        ({"lr_grid": (1e-4, 2e-4)}, r"lr_grid is the learning rates to try per mode"),
+        ({"lr_grid": {"lora": 1e-4}}, r"a dict of tuples such as \{'lora': \(2e-4, 8e-4\)\}"),
+        ({"seeds": 3}, r"seeds is a tuple of integers such as \(0, 1, 2\); got 3\."),
+    ],
+)
+def test_a_recipe_setting_of_the_wrong_kind_is_refused_with_its_form(setting, message):
+    with pytest.raises(TypeError, match=message):
+        train.Recipe(**setting)
+    with pytest.raises(ValueError, match=r"sizes must be None or \(train, val, test\) rows"):
+        train.Recipe(sizes=300)
+
+
+def test_training_refuses_a_model_still_carrying_its_language_model_head(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    lm, loaders = GPTModel(TINY), tiny_loaders()  # to_classifier forgotten: 64 outputs
+    message = (
+        r"head has 64 outputs but the labels have 2 classes; call gpt2\.to_classifier\(model, 2\)"
+    )
+    before = [p.detach().clone() for p in lm.parameters()]
+    with pytest.raises(ValueError, match=message):
+        train.train_classifier(lm, loaders.train, loaders.val, device=CPU, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, lm.parameters(), strict=True))
+    monkeypatch.setattr(copy, "deepcopy", lambda *a: pytest.fail("it copied the base"))
+    with pytest.raises(ValueError, match=message):
+        train.run_mode(
+            lm,
+            "lora",
+            loaders,
+            train.Recipe(rank=2, alpha=2),
+            device=CPU,
+            checkpoint_dir=tmp_path / "checkpoints",
+            source=SOURCE,
+        )
+    assert list(tmp_path.iterdir()) == []
