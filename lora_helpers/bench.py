@@ -144,8 +144,19 @@ def flops_per_token(cfg: dict, mode: str, tokens: int, adapter_params: int = 0) 
     and, backward, the head's input gradient (2 d V) and 4 per weight of the last block.
     Attention adds 4 d T per layer and token forward (q k^T and the weighted sum over T
     keys, the causal mask not subtracted, as in PaLM's appendix B) and twice that backward,
-    in every layer the gradient passes through.
+    in every layer the gradient passes through. Raises ValueError for an unknown mode, a
+    token count that is not a positive int or adapter_params that is not an int >= 0.
     """
+    positive_int("tokens", tokens)
+    if (
+        isinstance(adapter_params, bool)
+        or not isinstance(adapter_params, int)
+        or adapter_params < 0
+    ):
+        raise ValueError(
+            f"adapter_params must be an int >= 0 (the adapters' trainable numbers), got "
+            f"{adapter_params!r}."
+        )
     n, d, layers = matmul_params(cfg), cfg["emb_dim"], cfg["n_layers"]
     attention = 4 * d * tokens  # one layer, forward
     forward = 2 * n + layers * attention

@@ -288,6 +288,15 @@ def test_lora_holds_under_30_percent_of_full_fine_tunings_state_small_and_xl():
 # ------------------------------------------------------------ accounting, by hand
 
 
+@pytest.mark.parametrize(
+    ("tokens", "adapters", "match"),
+    [(0, 0, "tokens must be a positive integer"), (-5, 0, "tokens"), (64, -1, "adapter_params")],
+)
+def test_flops_per_token_refuses_counts_that_cannot_be(tokens, adapters, match):
+    with pytest.raises(ValueError, match=match):
+        bench.flops_per_token(bench.bench_config("tiny"), "lora", tokens, adapters)
+
+
 def test_matmul_params_count_the_blocks_linears_and_the_head():
     assert bench.matmul_params(gpt2_config("gpt2-small")) == 84_934_656 + 38_597_376
     model = GPTModel(bench.bench_config("tiny"))
