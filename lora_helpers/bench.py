@@ -581,25 +581,29 @@ def _inference_latency(
 
 
 class Middle(NamedTuple):
-    """The median of repeated measurements and their middle half (lower to upper quartile)."""
+    """The median of `n` repeated measurements and their middle half (lower to upper quartile)."""
 
     median: float
     low: float
     high: float
+    n: int
 
     def format(self, fmt: str = ".2f", scale: float = 1.0) -> str:
-        median, low, high = (scale * v for v in self)
-        return f"{median:{fmt}} ({low:{fmt}}-{high:{fmt}})"
+        """'median (low-high)', each scaled and formatted with `fmt`; the median alone for n = 1."""
+        median, low, high = (scale * v for v in (self.median, self.low, self.high))
+        return f"{median:{fmt}}" + (f" ({low:{fmt}}-{high:{fmt}})" if self.n > 1 else "")
 
 
 def middle_half(values: Sequence[float]) -> Middle:
     """Median and quartiles of `values` (NaN for none): robust to the odd step that a busy
-    machine slows down many times over."""
+    machine slows down many times over. Raises ValueError for a NaN among them."""
+    if any(math.isnan(v) for v in values):
+        raise ValueError(f"Cannot take the middle half of values with a NaN: {list(values)}.")
     if len(values) < 2:
         value = values[0] if values else math.nan
-        return Middle(value, value, value)
+        return Middle(value, value, value, len(values))
     low, median, high = statistics.quantiles(values, n=4, method="inclusive")
-    return Middle(median, low, high)
+    return Middle(median, low, high, len(values))
 
 
 #: The ratios a result is judged by: name -> (numerator, denominator, which timings).
@@ -612,21 +616,36 @@ RATIOS = {
 }
 
 
+def inference_times(result: dict) -> dict[str, list[float]]:
+    """Seconds of each inference pass per model; a result written before they were kept
+    has only the medians, taken as one pass each."""
+    each = result.get("inference_seconds_each")
+    return each if each else {name: [seconds] for name, seconds in result["inference"].items()}
+
+
 def ratio(result: dict, numerator: str, denominator: str, kind: str = "modes") -> Middle:
     """Timings of `numerator` over those of `denominator` (modes, or with kind="inference" the
     models of the inference latency), round by round: they took turns, so the two timings of
     one round met the same load on the machine. The median of the per-round ratios with their
-    middle half; NaN when either did not run. Raises ValueError for another kind."""
+    middle half; NaN when either did not run. Raises ValueError for another kind, or timings
+    that are not one positive number per round for both."""
     if kind not in ("modes", "inference"):
         raise ValueError(f"kind must be 'modes' or 'inference', got {kind!r}.")
     if kind == "modes":
-        top, bottom = (
-            result["modes"].get(n, {}).get("step_seconds_each") for n in (numerator, denominator)
-        )
+        found = {
+            n: result["modes"].get(n, {}).get("step_seconds_each") for n in (numerator, denominator)
+        }
     else:
-        top, bottom = (result["inference_seconds_each"].get(n) for n in (numerator, denominator))
-    per_round = [a / b for a, b in zip(top, bottom, strict=True)] if top and bottom else []
-    return middle_half(per_round)
+        found = {n: inference_times(result).get(n) for n in (numerator, denominator)}
+    top, bottom = found.values()
+    if not top or not bottom:
+        return middle_half([])
+    if len(top) != len(bottom) or not all(t > 0 for t in (*top, *bottom)):
+        raise ValueError(
+            f"{numerator} and {denominator} need one positive time per round each, got {top} and "
+            f"{bottom}."
+        )
+    return middle_half([a / b for a, b in zip(top, bottom, strict=True)])
 
 
 def ratios(result: dict) -> dict[str, Middle]:
@@ -635,12 +654,16 @@ def ratios(result: dict) -> dict[str, Middle]:
 
 
 def verdict(per_round: Middle) -> str:
-    """'below 1' or 'above 1' when the middle half of the per-round ratios lies wholly on one
-    side of 1, else that the two are within the round-to-round spread."""
+    """Below or above 1 only when the whole middle half of the per-round ratios is (and there
+    are at least 4 rounds); else within the round-to-round spread."""
+    if math.isnan(per_round.median):
+        return "not measured"
+    if per_round.n < 4:
+        return f"too few rounds ({per_round.n}) to judge"
     if per_round.high < 1:
-        return "below 1 in at least 3 rounds of 4"
+        return "below 1: the whole middle half of the rounds is"
     if per_round.low > 1:
-        return "above 1 in at least 3 rounds of 4"
+        return "above 1: the whole middle half of the rounds is"
     return "within the round-to-round spread: no measurable difference"
 
 
@@ -671,7 +694,7 @@ def summary(result: dict) -> str:
         lines.append("* computed: weights + gradients + AdamW states + activations")
     latency = ", ".join(
         f"{name} {middle_half(times).format(',.0f', 1000)} ms"
-        for name, times in result["inference_seconds_each"].items()
+        for name, times in inference_times(result).items()
     )
     lines.append(f"inference (one forward pass): {latency}")
     lines.append("ratios, round by round (median and middle half of the rounds):")
@@ -729,7 +752,7 @@ def plot_bench(result: dict) -> Figure:
     axes[1].legend(fontsize=7)
     axes[2].bar(modes, [rows[m]["checkpoint_bytes"] / 1e6 for m in modes], color="tab:green")
     axes[2].set(ylabel="MB", yscale="log", title="checkpoint")
-    _bars_with_middle_half(axes[3], result["inference_seconds_each"], "tab:purple")
+    _bars_with_middle_half(axes[3], inference_times(result), "tab:purple")
     axes[3].set(ylabel="ms per forward pass", title="inference (median, middle half)")
     for ax in axes:
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
