@@ -259,13 +259,20 @@ def fit_baselines(rows: Sequence[Row], tokenizer: Encoding) -> dict[str, Baselin
 def score(fitted: dict[str, Baseline], splits: Splits) -> dict[str, dict[str, float]]:
     """Accuracy of each baseline on each split: name -> {"train": .., "val": .., "test": ..}.
 
-    Raises TypeError unless `fitted` is fit_baselines' dict and `splits` the whole Splits.
+    `splits`: the whole Splits, or any tuple or list of the three (train, val, test). Raises
+    TypeError unless `fitted` is fit_baselines' dict and `splits` the three splits (not one).
     """
     if not isinstance(fitted, dict):
         raise TypeError(
             f"fitted must be the dict that fit_baselines returns, got a {type(fitted).__name__}; "
             "call score(fit_baselines(splits.train, tokenizer), splits)."
         )
+    if (
+        isinstance(splits, tuple | list)
+        and len(splits) == 3
+        and not any(isinstance(part, str) or _is_row(part) for part in splits)
+    ):
+        splits = Splits(*splits)
     if not isinstance(splits, Splits):
         raise TypeError(
             f"score takes the whole Splits (train, val, test) and scores each, got a "

@@ -7,6 +7,7 @@ Pipeline: file -> rows (text, label) -> checked counts -> balanced -> split 70/1
 from __future__ import annotations
 
 import numbers
+import operator
 import os
 import random
 import zipfile
@@ -262,14 +263,28 @@ def subset(splits: Splits, sizes: tuple[int, int, int]) -> Splits:
     return Splits(*(part[: int(n)] for part, n in zip(splits, sizes, strict=True)))
 
 
+def _max_length(value: object, hint: str) -> int:
+    """`value` as an int >= 1: any integral number (numpy ints, 0-d integer tensors) is
+    converted; a bool, float, str or value < 1 raises positive_int's ValueError."""
+    if not isinstance(value, bool) and not (
+        isinstance(value, torch.Tensor) and value.dtype == torch.bool
+    ):
+        try:
+            value = operator.index(value)
+        except TypeError:
+            pass
+    return positive_int("max_length", value, hint)
+
+
 def encode(texts: list[str], tokenizer: Encoding, max_length: int | None = None) -> torch.Tensor:
     """Token ids (n, max_length), padded with <|endoftext|> (50256) and truncated.
 
     max_length=None pads to the longest text. Raises TypeError for a single str (pass a
-    list), ValueError for no texts, only empty texts, or a max_length that is not a positive int.
+    list), ValueError for no texts, only empty texts, or a max_length that is not a positive
+    integer (numpy ints and 0-d integer tensors are fine).
     """
     if max_length is not None:
-        positive_int("max_length", max_length, "pass an int, or None to pad to the longest text")
+        max_length = _max_length(max_length, "pass an int, or None to pad to the longest text")
     if isinstance(texts, str):
         raise TypeError("texts must be a list of strings, got one str; pass [text] instead.")
     if not texts:
@@ -326,8 +341,8 @@ def make_loaders(
         )
     positive_int("batch_size", batch_size)
     if max_length is not None:
-        positive_int(
-            "max_length", max_length, "pass an int, or None to pad to the longest training text"
+        max_length = _max_length(
+            max_length, "pass an int, or None to pad to the longest training text"
         )
     if not all(splits):
         raise ValueError(

@@ -694,6 +694,9 @@ def set_dropout(model: nn.Module, p: float) -> nn.Module:
     return model
 
 
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
 def classify_logits(
     model: GPTModel, idx: torch.Tensor, lengths: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -702,7 +705,7 @@ def classify_logits(
     lengths (batch,): the number of real tokens per row when rows are right-padded; the
     last real token is then read instead of the last position.
     Checks before the forward pass: TypeError unless idx is a tensor (of integers, for a
-    GPTModel) and lengths, if given, a tensor of integers (torch.long); ValueError unless
+    GPTModel) and lengths, if given, integers (a tensor, array or list); ValueError unless
     idx has shape (batch, tokens) with tokens >= 1 and (for a GPTModel) ids in
     [0, vocab_size), and lengths shape (batch,) with values in 1..tokens.
     """
@@ -730,16 +733,17 @@ def classify_logits(
                 f"{high}; encode the text with the model's tokenizer (get_tokenizer())."
             )
     if lengths is not None:
-        if not isinstance(lengths, torch.Tensor) or lengths.dtype not in integer:
-            what = (
-                f"dtype {lengths.dtype}"
-                if isinstance(lengths, torch.Tensor)
-                else f"a {type(lengths).__name__}"
-            )
+        try:
+            found = torch.as_tensor(lengths, device=idx.device)
+        except (TypeError, ValueError, RuntimeError):
+            found = None
+        if found is None or found.dtype not in _INTEGER_DTYPES:
+            what = f"a {type(lengths).__name__}" if found is None else f"dtype {found.dtype}"
             raise TypeError(
                 f"lengths must be a tensor of integers (torch.long), got {what}; pass "
                 "torch.tensor(lengths)."
             )
+        lengths = found.long()
         if lengths.shape != (idx.shape[0],) or (
             lengths.numel() and (lengths.min() < 1 or lengths.max() > idx.shape[1])
         ):

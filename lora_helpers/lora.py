@@ -551,10 +551,15 @@ def mark_only_lora_as_trainable(model: nn.Module) -> nn.Module:
     _refuse_other_adapters(model, "mark_only_lora_as_trainable", ("QuantizedLinearWithLoRA",))
     quantised = [n for n, kind in _other_adapters(model) if kind == "QuantizedLinearWithLoRA"]
     if not quantised and not any(True for _ in lora_layers(model)):
+        how = (
+            "quant.add_lora_to_quantized(model, rank, alpha), as its linear layers are "
+            "quantised (QuantizedLinear)"
+            if any(type(m).__name__ == "QuantizedLinear" for m in model.modules())
+            else "replace_linear_with_lora(model, rank, alpha) (or wrap_linear_layers)"
+        )
         raise ValueError(
             "The model has no LoRA layers, so mark_only_lora_as_trainable would freeze every "
-            "parameter; add LoRA first with replace_linear_with_lora(model, rank, alpha) (or "
-            "wrap_linear_layers)."
+            f"parameter; add LoRA first with {how}."
         )
     freeze(model)
     for _, layer in lora_layers(model):

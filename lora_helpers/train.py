@@ -23,7 +23,7 @@ import numbers
 import random
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -260,8 +260,8 @@ def train_classifier(
     before each step (None: no clipping, as the reference).
     A NaN loss or running out of memory stops with a TrainingStopped that says what to change.
     Raises ValueError, before training, for a model without trainable parameters or whose
-    out_head does not have one output per class of the labels (forgotten to_classifier), and
-    for bad settings.
+    out_head has fewer outputs than the labels have classes or is still the language-model
+    head (forgotten to_classifier), and for bad settings.
     """
     device = torch.device(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -353,20 +353,25 @@ def train_classifier(
 
 
 def _check_head(model: nn.Module, loader: DataLoader) -> None:
-    """Raise ValueError unless model.out_head has one output per class of `loader`'s labels.
+    """Raise ValueError if model.out_head has fewer outputs than `loader`'s labels have
+    classes, or exactly the vocabulary's (model.tok_emb) number: the language-model head still
+    in place, which would train without complaint and classify nothing.
 
     The classes are the SMS task's two (data.LABELS), or 0 to the largest label if that is
-    more. Catches a GPTModel still carrying its language-model head (vocab_size outputs),
-    which would train without complaint and classify nothing. A model without an
-    out_head.out_features, or a loader over a dataset without a length, is not checked.
+    more. A head wrapped by LoRA, DoRA or quantisation is read through its wrapped layer. A
+    model without an out_head.out_features, or a loader over a dataset without a length, is
+    not checked.
     """
-    outputs = getattr(getattr(model, "out_head", None), "out_features", None)
+    head = getattr(model, "out_head", None)
+    head = getattr(head, "linear", getattr(head, "base", head))  # LoRA/DoRA; quantised LoRA
+    outputs = getattr(head, "out_features", None)
     dataset = loader.dataset
     if outputs is None or not hasattr(dataset, "__len__"):
         return
     labels = [int(dataset[i][1]) for i in range(len(dataset))]
     classes = max(len(LABELS), max(labels, default=0) + 1)
-    if outputs != classes:
+    vocab = getattr(getattr(model, "tok_emb", None), "num_embeddings", None)
+    if outputs < classes or outputs == vocab:
         raise ValueError(
             f"The model's head has {outputs} outputs but the labels have {classes} classes; "
             f"call gpt2.to_classifier(model, {classes}) first."
@@ -413,6 +418,16 @@ def _out_of_memory(device: torch.device, loader: DataLoader) -> TrainingStopped:
     )
 
 
+def _is_sequence(value: object) -> bool:
+    """True for an iterable other than a str (a tuple, list, range, array...)."""
+    return isinstance(value, Iterable) and not isinstance(value, str | bytes)
+
+
+def _as_sequence(value: Iterable) -> tuple | list:
+    """`value` itself if a tuple or list, else tuple(value)."""
+    return value if isinstance(value, tuple | list) else tuple(value)
+
+
 @dataclass(frozen=True)
 class Recipe:
     """Training settings. The defaults are the reference's full LoRA recipe."""
@@ -440,24 +455,31 @@ class Recipe:
 
     def __post_init__(self) -> None:
         """Refuse settings that cannot train, each with one sentence naming it (ValueError;
-        TypeError for an lr, lr_grid or seeds that is not the dict or tuple it must be)."""
+        TypeError for an lr or lr_grid that is not a mapping, or seeds or an lr_grid entry
+        that is not a sequence). Any mapping is stored as a dict, and any other iterable than
+        a tuple or list as a tuple."""
         for name in ("epochs", "batch_size", "eval_every"):
             positive_int(name, getattr(self, name))
-        if not isinstance(self.lr, dict):
+        if not isinstance(self.lr, Mapping):
             raise TypeError(
                 "lr is a learning rate per mode, a dict such as {'lora': 8e-4, 'full': 5e-5, "
                 f"'last-block': 5e-5}}; got {self.lr!r}."
             )
         if self.lr_grid is not None and not (
-            isinstance(self.lr_grid, dict)
-            and all(isinstance(lrs, tuple | list) for lrs in self.lr_grid.values())
+            isinstance(self.lr_grid, Mapping) and all(map(_is_sequence, self.lr_grid.values()))
         ):
             raise TypeError(
                 "lr_grid is the learning rates to try per mode, a dict of tuples such as "
                 f"{{'lora': (2e-4, 8e-4)}}, or None; got {self.lr_grid!r}."
             )
-        if not isinstance(self.seeds, tuple | list):
+        if not _is_sequence(self.seeds):
             raise TypeError(f"seeds is a tuple of integers such as (0, 1, 2); got {self.seeds!r}.")
+        # Stored as the rest of the code reads them: dicts, and a tuple unless a tuple or list.
+        object.__setattr__(self, "lr", dict(self.lr))
+        object.__setattr__(self, "seeds", _as_sequence(self.seeds))
+        if self.lr_grid is not None:
+            grid = {mode: _as_sequence(lrs) for mode, lrs in self.lr_grid.items()}
+            object.__setattr__(self, "lr_grid", grid)
         wd = self.weight_decay
         if isinstance(wd, bool) or not isinstance(wd, numbers.Real) or not 0 <= wd < math.inf:
             raise ValueError(f"weight_decay must be a finite number >= 0, got {wd!r}.")
@@ -665,10 +687,10 @@ def run_mode(
     Accuracy is measured on the whole of each split named in `splits` (of "train", "val",
     "test"), with the weights the run ends with: the best validation step's if
     recipe.keep_best, else the last step's. Raises ValueError before copying `base` for an
-    out_head without one output per class of the labels (forgotten to_classifier), and before
-    any training for a checkpoint_dir that cannot be written (assets.writable_folder),
-    unknown splits, a seed that is not an integer, or a mode the recipe has no learning rate
-    for.
+    out_head with fewer outputs than the labels have classes or still the language-model head
+    (forgotten to_classifier), and before any training for a checkpoint_dir that cannot be
+    written (assets.writable_folder), unknown splits, a seed that is not an integer, or a mode
+    the recipe has no learning rate for.
     """
     device = torch.device(device)
     _check_head(base, loaders.train)
@@ -847,7 +869,9 @@ def format_bytes(n: float, gb_digits: int = 2) -> str:
 def _no_peak(device: str) -> str:
     """The peak-memory cell of a run without one: why, by the device type it trained on."""
     if device == "cpu":
-        return "n/a (CPU)"
+        return "n/a (CPU)"  # as notebook 05 prints it: measured on CUDA only
+    if device == "cuda":
+        return "n/a (CUDA: not measured)"
     if device:
         return f"n/a ({device.upper()}: measured on CUDA only)"
     return "n/a"

@@ -125,6 +125,8 @@ def test_baselines_fit_on_train_and_score_every_split():
         }
     )
     scores = baselines.score(fitted, splits)
+    assert baselines.score(fitted, tuple(splits)) == scores  # a plain (train, val, test)
+    assert baselines.score(fitted, list(splits)) == scores
     assert scores["majority class"] == {"train": 0.6, "val": 0.5, "test": 2 / 3}
     assert scores["length rule"] == {"train": 1.0, "val": 1.0, "test": 2 / 3}
     assert scores["bag of words"]["train"] == 1.0
@@ -147,6 +149,8 @@ def test_baselines_refuse_one_string_a_whole_splits_and_one_split_in_place_of_al
         baselines.fit_baselines([("a", 0, 1)], CharTokenizer())
     with pytest.raises(TypeError, match=r"got a list; pass splits, not one split"):
         baselines.score(fitted, splits.test)
+    with pytest.raises(TypeError, match=r"got a tuple; pass splits, not one split"):
+        baselines.score(fitted, tuple(splits.test))  # three rows are not three splits
     with pytest.raises(TypeError, match="the dict that fit_baselines returns"):
         baselines.score(fitted["length rule"], splits)
 

@@ -5,6 +5,7 @@ import zipfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -208,13 +209,25 @@ def test_subset_refuses_more_rows_than_a_split_has():
     assert [len(p) for p in data.subset(splits, (70, 10, 20))] == [70, 10, 20]
 
 
-@pytest.mark.parametrize("max_length", ["40", 2.5, 0])
+@pytest.mark.parametrize(
+    "max_length",
+    ["40", 2.5, 0, True, np.float64(4), np.int64(0), torch.tensor(4.0), torch.tensor(True)],
+)
 def test_encode_and_make_loaders_refuse_a_max_length_that_is_not_a_positive_int(max_length):
     splits = data.Splits([("ab", 0)] * 2, [("cd", 1)], [("ef", 0)])
     with pytest.raises(ValueError, match=r"max_length must be a positive integer.*or None"):
         data.encode(["hi"], CharTokenizer(), max_length)
     with pytest.raises(ValueError, match=r"max_length must be a positive integer.*or None"):
         data.make_loaders(splits, CharTokenizer(), max_length=max_length)
+
+
+@pytest.mark.parametrize("max_length", [np.int64(3), np.int32(3), torch.tensor(3)])
+def test_encode_and_make_loaders_take_any_integral_max_length(max_length):
+    splits = data.Splits([("abcd", 0)] * 2, [("cd", 1)], [("ef", 0)])
+    assert data.encode(["abcd"], CharTokenizer(), max_length).tolist() == [[97, 98, 99]]
+    loaders = data.make_loaders(splits, CharTokenizer(), batch_size=2, max_length=max_length)
+    assert loaders.max_length == 3
+    assert type(loaders.max_length) is int
 
 
 def test_a_file_that_is_not_utf8_names_itself_and_what_was_expected(tmp_path):

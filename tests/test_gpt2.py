@@ -398,6 +398,19 @@ def test_classifier_head_reads_the_last_or_last_real_token():
         to_classifier(model, 0)
 
 
+@pytest.mark.parametrize(
+    "lengths",
+    [np.array([1, 6, 4]), [1, 6, 4], np.array([1, 6, 4], dtype=np.int32), torch.tensor([1, 6, 4])],
+)
+def test_classify_logits_takes_lengths_as_any_integers(lengths):
+    model = to_classifier(_tiny_model(SMALL), 2)
+    ids = torch.randint(0, 60, (3, 6))
+    with torch.no_grad():
+        full = model(ids)
+        picked = classify_logits(model, ids, lengths)
+    torch.testing.assert_close(picked, torch.stack([full[0, 0], full[1, 5], full[2, 3]]))
+
+
 class _NoForward(GPTModel):
     def forward(self, in_idx: torch.Tensor) -> torch.Tensor:
         raise AssertionError("classify_logits ran the model before checking its arguments")
@@ -412,9 +425,15 @@ class _NoForward(GPTModel):
         (torch.zeros(2, 0, dtype=torch.long), None, ValueError, "at least one token"),
         (torch.tensor([[1, 60]]), None, ValueError, r"in \[0, 60\).*from 1 to 60; encode"),
         (torch.tensor([[-1, 2]]), None, ValueError, r"from -1 to 2"),
-        (torch.ones(2, 6, dtype=torch.long), [2, 6], TypeError, r"got a list; pass torch.tensor"),
+        (torch.ones(2, 6, dtype=torch.long), ["2", "6"], TypeError, r"got a list; pass torch"),
+        (torch.ones(2, 6, dtype=torch.long), "26", TypeError, r"got a str; pass torch.tensor"),
+        (torch.ones(2, 6, dtype=torch.long), [2.0, 6.0], TypeError, "got dtype torch.float32"),
         (torch.ones(2, 6, dtype=torch.long), torch.tensor([2.0, 6.0]), TypeError, "integers"),
         (torch.ones(2, 6, dtype=torch.long), torch.tensor([2]), ValueError, r"shape \(2,\)"),
+        (torch.ones(2, 6, dtype=torch.long), torch.tensor([0, 6]), ValueError, r"1\.\.6, got \[0"),
+        (torch.ones(2, 6, dtype=torch.long), torch.tensor([2, 7]), ValueError, r"1\.\.6, got \[2"),
+        (torch.ones(2, 6, dtype=torch.long), np.array([7, 1]), ValueError, r"1\.\.6, got \[7"),
+        (torch.ones(2, 6, dtype=torch.long), [2, 0], ValueError, r"1\.\.6, got \[2, 0"),
     ],
 )
 def test_classify_logits_checks_ids_and_lengths_before_the_forward_pass(

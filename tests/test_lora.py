@@ -735,3 +735,12 @@ def test_mark_only_lora_as_trainable_refuses_a_model_without_lora_changing_nothi
     with pytest.raises(ValueError, match=r"no LoRA layers.*replace_linear_with_lora"):
         mark_only_lora_as_trainable(model)
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_mark_only_lora_as_trainable_on_a_quantised_model_points_to_add_lora_to_quantized():
+    from lora_helpers.quant import add_lora_to_quantized, quantize_linears
+
+    model = quantize_linears(TinyNet(), block_size=8)
+    with pytest.raises(ValueError, match=r"no LoRA layers.*with quant\.add_lora_to_quantized\("):
+        mark_only_lora_as_trainable(model)
+    mark_only_lora_as_trainable(add_lora_to_quantized(model, 2, 2))

@@ -4,8 +4,9 @@ import copy
 import dataclasses
 import inspect
 import json
-from types import SimpleNamespace
+from types import MappingProxyType, SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from tiny_gpt import SOURCE, TINY
@@ -14,8 +15,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lora_helpers import protocol, train
 from lora_helpers.data import Loaders
+from lora_helpers.dora import replace_linear_with_dora
 from lora_helpers.gpt2 import GPTModel, to_classifier
-from lora_helpers.lora import count_parameters
+from lora_helpers.lora import count_parameters, replace_linear_with_lora
+from lora_helpers.quant import add_lora_to_quantized, quantize_linears
 
 CPU = torch.device("cpu")
 
@@ -684,9 +687,14 @@ def test_results_table_says_why_a_run_has_no_peak_memory():
         .splitlines()[-1]
         .split(" | ")[-1]
         .strip()
-        for device in ({"device": "cpu"}, {"device": "mps"}, {})
+        for device in ({"device": "cpu"}, {"device": "mps"}, {"device": "cuda"}, {})
     ]
-    assert cells == ["n/a (CPU)", "n/a (MPS: measured on CUDA only)", "n/a"]
+    assert cells == [
+        "n/a (CPU)",
+        "n/a (MPS: measured on CUDA only)",
+        "n/a (CUDA: not measured)",
+        "n/a",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -703,6 +711,61 @@ def test_a_recipe_setting_of_the_wrong_kind_is_refused_with_its_form(setting, me
         train.Recipe(**setting)
     with pytest.raises(ValueError, match=r"sizes must be None or \(train, val, test\) rows"):
         train.Recipe(sizes=300)
+
+
+@pytest.mark.parametrize(
+    ("setting", "same"),
+    [
+        ({"seeds": range(3)}, {"seeds": (0, 1, 2)}),
+        ({"lr": MappingProxyType({"lora": 1e-4})}, {"lr": {"lora": 1e-4}}),
+        ({"lr_grid": {"lora": np.array([1e-4, 8e-4])}}, {"lr_grid": {"lora": (1e-4, 8e-4)}}),
+        ({"lr_grid": MappingProxyType({"lora": range(1, 3)})}, {"lr_grid": {"lora": (1, 2)}}),
+    ],
+)
+def test_a_recipe_takes_any_mapping_and_any_iterable_and_stores_dicts_and_tuples(setting, same):
+    recipe = train.Recipe(**setting)
+    assert recipe == train.Recipe(**same)
+    assert type(recipe.lr) is dict
+    assert type(recipe.seeds) is tuple
+    assert recipe.lr_grid is None or type(recipe.lr_grid["lora"]) is tuple
+    assert json.dumps(dataclasses.asdict(recipe)) == json.dumps(
+        dataclasses.asdict(train.Recipe(**same))
+    )
+    assert recipe.describe() == train.Recipe(**same).describe()
+
+
+def test_a_recipe_that_worked_before_is_stored_as_given():
+    lr = {"lora": 1e-4}
+    recipe = train.Recipe(lr=lr, lr_grid={"lora": [1e-4, 2e-4]}, seeds=[0, 1])
+    assert (recipe.lr, recipe.lr_grid, recipe.seeds) == (lr, {"lora": [1e-4, 2e-4]}, [0, 1])
+    assert recipe == train.Recipe(lr={"lora": 1e-4}, lr_grid={"lora": [1e-4, 2e-4]}, seeds=[0, 1])
+    assert json.loads(json.dumps(dataclasses.asdict(recipe)))["seeds"] == [0, 1]
+
+
+def test_a_head_with_more_outputs_than_the_classes_trains(tmp_path):
+    torch.manual_seed(0)
+    model, loaders = to_classifier(GPTModel(TINY), 3), tiny_loaders()  # labels only 0 and 1
+    history = train.train_classifier(
+        model, loaders.train, loaders.val, device=CPU, epochs=1, progress=False
+    )
+    assert history.train_loss
+
+
+def test_training_refuses_a_head_with_fewer_outputs_than_classes_or_a_wrapped_lm_head():
+    loaders = tiny_loaders()
+    torch.manual_seed(0)
+    small = to_classifier(GPTModel(TINY), 1)
+    with pytest.raises(ValueError, match=r"head has 1 outputs but the labels have 2 classes"):
+        train._check_head(small, loaders.train)
+    lm = replace_linear_with_lora(GPTModel(TINY), 2, 2, ["out_head"])
+    assert not hasattr(lm.out_head, "out_features")  # a LinearWithLoRA
+    with pytest.raises(ValueError, match=r"head has 64 outputs but the labels have 2 classes"):
+        train._check_head(lm, loaders.train)
+    quantised = add_lora_to_quantized(quantize_linears(GPTModel(TINY), block_size=32), 2, 2)
+    with pytest.raises(ValueError, match=r"head has 64 outputs but the labels have 2 classes"):
+        train._check_head(quantised, loaders.train)
+    dora = replace_linear_with_dora(to_classifier(GPTModel(TINY), 2), 2, 2, ["out_head"])
+    train._check_head(dora, loaders.train)  # a wrapped classifier head passes
 
 
 def test_training_refuses_a_model_still_carrying_its_language_model_head(tmp_path, monkeypatch):
