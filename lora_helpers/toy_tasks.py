@@ -35,6 +35,8 @@ DTYPE = torch.float64
 #: the run's seed, a small number, so the three never share a stream).
 VALIDATION_SEED = 4321
 TEST_SEED = 1234
+#: How many test sequences copy_loss and copy_accuracy (and so adapt_copy_model) score.
+TEST_SEQUENCES = 500
 
 
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -328,7 +330,7 @@ def train_copy_task(
 
 @torch.no_grad()
 def copy_loss(
-    model: CopyModel, offset: int, *, n_sequences: int = 500, seed: int = TEST_SEED
+    model: CopyModel, offset: int, *, n_sequences: int = TEST_SEQUENCES, seed: int = TEST_SEED
 ) -> float:
     """Cross-entropy of predicting the token `offset` back, on n_sequences from generator `seed`."""
     return _copy_loss(model, *_copy_data(model, n_sequences, offset, seed)).item()
@@ -336,7 +338,7 @@ def copy_loss(
 
 @torch.no_grad()
 def copy_accuracy(
-    model: CopyModel, offset: int, *, n_sequences: int = 500, seed: int = TEST_SEED
+    model: CopyModel, offset: int, *, n_sequences: int = TEST_SEQUENCES, seed: int = TEST_SEED
 ) -> float:
     """Fraction of positions (with a token `offset` back) where the model predicts that token."""
     idx, targets = _copy_data(model, n_sequences, offset, seed)
