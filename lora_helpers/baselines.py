@@ -29,12 +29,12 @@ if TYPE_CHECKING:
 
 def _labels(labels: Sequence[int]) -> torch.Tensor:
     """Labels as a long tensor (n,) of 0 (ham) and 1 (spam); raises ValueError if empty or not 0/1."""
-    y = torch.as_tensor(list(labels), dtype=torch.long)
+    y = torch.as_tensor(list(labels))  # no dtype yet: a label 0.5 must not become 0
     if y.numel() == 0:
         raise ValueError("A baseline needs at least one labelled row to fit; the split is empty.")
     if not bool(((y == 0) | (y == 1)).all()):
         raise ValueError(f"Labels must be 0 (ham) or 1 (spam), got {sorted(set(y.tolist()))}.")
-    return y
+    return y.long()
 
 
 def accuracy(predictions: torch.Tensor, labels: Sequence[int]) -> float:

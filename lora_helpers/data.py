@@ -166,31 +166,40 @@ def load_sms_spam(path: str | Path | None = None) -> list[Row]:
     ValueError when a line is not `label<TAB>message`.
     """
     path = sms_spam_path() if path is None else Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise AssetError(
-            f"{path} is not UTF-8 text ({error.reason} at byte {error.start:,}), so it is not "
-            f"SMSSpamCollection, the text file inside the SMS Spam Collection zip; pass that "
-            f"file, or delete this one and run again to download v.1 from {SMS_URL}."
-        ) from None
+    text = _read_utf8(
+        path,
+        ", so it is not SMSSpamCollection, the text file inside the SMS Spam Collection zip; "
+        f"pass that file, or delete this one and run again to download v.1 from {SMS_URL}.",
+    )
     rows = parse_sms(text)
     check_sms_counts(rows, path)
     return rows
+
+
+def _read_utf8(path: Path, why_and_fix: str) -> str:
+    """The text of `path`; AssetError naming the file (then `why_and_fix`) if not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise AssetError(
+            f"{path} is not UTF-8 text ({error.reason} at byte {error.start:,}){why_and_fix}"
+        ) from None
 
 
 def load_tiny_sms(path: str | Path | None = None) -> list[Row]:
     """The 100 invented messages (50 ham, 50 spam) of data/tiny/, for quick offline runs.
 
     Read from the repository checkout; where the package is installed without it (Colab),
-    fetched once from the repository on GitHub (sha256-checked).
+    fetched once from the repository on GitHub (sha256-checked). Raises AssetError when
+    the file is not UTF-8 text.
     """
     if path is None:
         root = checkout()
         path = root / "data" / TINY_RELPATH if root else None
         if path is None or not path.is_file():
             path = fetch(TINY_RELPATH, TINY_URL, sha256=TINY_SHA256, desc="tiny SMS dataset")
-    return parse_sms(Path(path).read_text(encoding="utf-8"))
+    fix = f"; pass a file of `label<TAB>message` lines, or restore {TINY_RELPATH} from the repository."
+    return parse_sms(_read_utf8(Path(path), fix))
 
 
 def balance(rows: list[Row], seed: int = 123) -> list[Row]:

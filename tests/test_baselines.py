@@ -65,6 +65,12 @@ def test_length_rule_maximises_training_accuracy_when_no_threshold_is_perfect():
     assert rule == baselines.LengthRule(5, True)  # 7 is as accurate; ties go to the smaller
 
 
+@pytest.mark.parametrize("labels", [[0, 0.5, 1], [0, 1, 2], [-1, 0]])
+def test_labels_other_than_0_and_1_are_refused_not_truncated(labels):
+    with pytest.raises(ValueError, match=r"Labels must be 0 \(ham\) or 1 \(spam\)"):
+        baselines.accuracy(torch.zeros(len(labels), dtype=torch.long), labels)
+
+
 def test_length_rule_rejects_mismatched_inputs():
     with pytest.raises(ValueError, match="3 lengths for 2 labels"):
         baselines.fit_length_rule([1, 2, 3], [0, 1])

@@ -235,6 +235,8 @@ def test_a_file_that_is_not_utf8_names_itself_and_what_was_expected(tmp_path):
     path.write_bytes(b"PK\x03\x04\xff\xfe not text")
     with pytest.raises(AssetError, match=r"sms\.zip is not UTF-8 text.*inside the SMS Spam"):
         data.load_sms_spam(path)
+    with pytest.raises(AssetError, match=r"sms\.zip is not UTF-8 text.*label<TAB>message"):
+        data.load_tiny_sms(path)
 
 
 def test_balance_refuses_no_rows():
