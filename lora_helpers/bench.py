@@ -76,6 +76,7 @@ from .peft_format import transformers_config
 from .protocol import format_table
 from .train import (
     autocast_dtype,
+    best_device,
     checkpoint_size,
     device_slug,
     format_bytes,
@@ -336,22 +337,6 @@ def _check(
     return cfg
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """`name` ("cuda", "mps", "cpu"), checked, or the first of CUDA, MPS and CPU there is."""
-    available = {
-        "cuda": torch.cuda.is_available(),
-        "mps": torch.backends.mps.is_available(),
-        "cpu": True,
-    }
-    if name is None:
-        return torch.device(next(n for n, ok in available.items() if ok))
-    if name not in available:
-        raise ValueError(f"Unknown device {name!r}; use cuda, mps or cpu.")
-    if not available[name]:
-        raise ValueError(f"No {name} device here; leave --device out to take what there is.")
-    return torch.device(name)
-
-
 def device_name(device: torch.device) -> str:
     """The GPU's name, "Apple GPU", or the CPU's model name with the threads torch uses."""
     if device.type == "cuda":
@@ -477,7 +462,7 @@ def run(
     fails.
     """
     cfg = _check(size, batch, tokens, steps, modes, rank, alpha)
-    device = resolve_device(None if device is None else torch.device(device).type)
+    device = best_device(device)
     modes = list(dict.fromkeys(modes))
     if "peft-lora" in modes and importlib.util.find_spec("peft") is None:
         if modes == ["peft-lora"]:
@@ -631,13 +616,12 @@ def ratio(result: dict, numerator: str, denominator: str, kind: str = "modes") -
     that are not one positive number per round for both."""
     if kind not in ("modes", "inference"):
         raise ValueError(f"kind must be 'modes' or 'inference', got {kind!r}.")
-    if kind == "modes":
-        found = {
-            n: result["modes"].get(n, {}).get("step_seconds_each") for n in (numerator, denominator)
-        }
-    else:
-        found = {n: inference_times(result).get(n) for n in (numerator, denominator)}
-    top, bottom = found.values()
+    times = (
+        {mode: r["step_seconds_each"] for mode, r in result["modes"].items()}
+        if kind == "modes"
+        else inference_times(result)
+    )
+    top, bottom = times.get(numerator), times.get(denominator)
     if not top or not bottom:
         return middle_half([])
     if len(top) != len(bottom) or not all(t > 0 for t in (*top, *bottom)):
@@ -818,7 +802,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     try:  # bad arguments: a usage message, before any work
         _check(args.size, args.batch, args.tokens, args.steps, args.modes, args.rank, args.alpha)
-        resolve_device(args.device)
+        best_device(args.device)
         writable_folder(args.out, "--out")
     except ValueError as error:
         parser.error(str(error))

@@ -697,6 +697,56 @@ def set_dropout(model: nn.Module, p: float) -> nn.Module:
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
+def _check_ids(model: nn.Module, idx: torch.Tensor) -> None:
+    """TypeError/ValueError unless idx is a (batch, tokens >= 1) tensor; for a GPTModel, of
+    integer ids in [0, vocab_size) (on CUDA an id out of range is a device-side assert)."""
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(
+            f"idx must be a tensor of token ids (batch, tokens), got a {type(idx).__name__}; "
+            "pass torch.tensor(ids), with .unsqueeze(0) for one sequence."
+        )
+    if idx.dim() != 2 or idx.shape[1] < 1:
+        raise ValueError(
+            f"idx must have shape (batch, tokens) with at least one token, got shape "
+            f"{tuple(idx.shape)}; add a batch dimension with ids.unsqueeze(0)."
+        )
+    if not isinstance(model, GPTModel) or not idx.numel():
+        return
+    if idx.dtype not in (torch.long, torch.int):
+        raise TypeError(f"idx must hold integer token ids, got dtype {idx.dtype}; pass idx.long().")
+    low, high = (int(v) for v in torch.aminmax(idx))
+    vocab = model.tok_emb.num_embeddings
+    if low < 0 or high >= vocab:
+        raise ValueError(
+            f"Token ids must be in [0, {vocab}) for this model, got ids from {low} to {high}; "
+            "encode the text with the model's tokenizer (get_tokenizer())."
+        )
+
+
+def _lengths_tensor(lengths: object, idx: torch.Tensor) -> torch.Tensor:
+    """`lengths` (a tensor, array or list of integers) as a long tensor (batch,) on idx's
+    device with values in 1..tokens; TypeError or ValueError otherwise."""
+    try:
+        found = torch.as_tensor(lengths, device=idx.device)
+    except (TypeError, ValueError, RuntimeError):
+        found = None
+    if found is None or found.dtype not in _INTEGER_DTYPES:
+        what = f"a {type(lengths).__name__}" if found is None else f"dtype {found.dtype}"
+        raise TypeError(
+            f"lengths must be a tensor of integers (torch.long), got {what}; pass "
+            "torch.tensor(lengths)."
+        )
+    found = found.long()
+    if found.shape != (idx.shape[0],) or (
+        found.numel() and (found.min() < 1 or found.max() > idx.shape[1])
+    ):
+        raise ValueError(
+            f"lengths must have shape ({idx.shape[0]},) with values in 1..{idx.shape[1]}, "
+            f"got {found.tolist()}."
+        )
+    return found
+
+
 def classify_logits(
     model: GPTModel, idx: torch.Tensor, lengths: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -709,48 +759,9 @@ def classify_logits(
     idx has shape (batch, tokens) with tokens >= 1 and (for a GPTModel) ids in
     [0, vocab_size), and lengths shape (batch,) with values in 1..tokens.
     """
-    integer = (torch.long, torch.int)
-    if not isinstance(idx, torch.Tensor):
-        raise TypeError(
-            f"idx must be a tensor of token ids (batch, tokens), got a {type(idx).__name__}; "
-            "pass torch.tensor(ids), with .unsqueeze(0) for one sequence."
-        )
-    if idx.dim() != 2 or idx.shape[1] < 1:
-        raise ValueError(
-            f"idx must have shape (batch, tokens) with at least one token, got shape "
-            f"{tuple(idx.shape)}; add a batch dimension with ids.unsqueeze(0)."
-        )
-    if isinstance(model, GPTModel) and idx.numel():
-        if idx.dtype not in integer:
-            raise TypeError(
-                f"idx must hold integer token ids, got dtype {idx.dtype}; pass idx.long()."
-            )
-        low, high = (int(v) for v in torch.aminmax(idx))
-        vocab = model.tok_emb.num_embeddings
-        if low < 0 or high >= vocab:
-            raise ValueError(
-                f"Token ids must be in [0, {vocab}) for this model, got ids from {low} to "
-                f"{high}; encode the text with the model's tokenizer (get_tokenizer())."
-            )
+    _check_ids(model, idx)
     if lengths is not None:
-        try:
-            found = torch.as_tensor(lengths, device=idx.device)
-        except (TypeError, ValueError, RuntimeError):
-            found = None
-        if found is None or found.dtype not in _INTEGER_DTYPES:
-            what = f"a {type(lengths).__name__}" if found is None else f"dtype {found.dtype}"
-            raise TypeError(
-                f"lengths must be a tensor of integers (torch.long), got {what}; pass "
-                "torch.tensor(lengths)."
-            )
-        lengths = found.long()
-        if lengths.shape != (idx.shape[0],) or (
-            lengths.numel() and (lengths.min() < 1 or lengths.max() > idx.shape[1])
-        ):
-            raise ValueError(
-                f"lengths must have shape ({idx.shape[0]},) with values in 1..{idx.shape[1]}, "
-                f"got {lengths.tolist()}."
-            )
+        lengths = _lengths_tensor(lengths, idx)
     logits = model(idx)  # (batch, tokens, n_classes)
     if lengths is None:
         return logits[:, -1, :]

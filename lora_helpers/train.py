@@ -62,39 +62,42 @@ class TrainingStopped(RuntimeError):
     """Training stopped early for a reason the message explains (NaN loss, out of memory)."""
 
 
-def pick_device(prefer: str | torch.device | None = None) -> torch.device:
-    """CUDA if available, then Apple's MPS, then CPU; prints the choice.
-
-    prefer: a device to use instead, such as "cpu", "cuda", "cuda:1" or "mps" (None: the
-    best there is). Raises ValueError for a name torch does not know or a CUDA or MPS device
-    this machine lacks.
-    """
-    if prefer is not None:
-        device = _device_asked(prefer)
-        why = "as asked"
-    elif torch.cuda.is_available():
-        device, why = torch.device("cuda"), torch.cuda.get_device_name(0)
-    elif torch.backends.mps.is_available():
-        device, why = torch.device("mps"), "Apple GPU"
-    else:
-        device, why = torch.device("cpu"), "no CUDA or MPS GPU found"
-    print(f"Device: {device.type} ({why})")
-    return device
-
-
-def _device_asked(prefer: str | torch.device) -> torch.device:
-    """torch.device(prefer), refused (ValueError) where this machine does not have it."""
+def best_device(prefer: str | torch.device | None = None) -> torch.device:
+    """`prefer` ("cpu", "cuda", "cuda:1", "mps"), checked, or else the first of CUDA, Apple's
+    MPS and the CPU that this machine has. Raises ValueError for another kind of device or
+    one this machine lacks."""
+    if prefer is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     fix = "leave the argument out to use the best device there is, or pass 'cpu'"
     try:
         device = torch.device(prefer)
     except (RuntimeError, TypeError):
-        raise ValueError(f"Unknown device {prefer!r}; {fix}.") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"Unknown device {prefer!r}; {fix}.")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         have = torch.cuda.device_count()
         which = f" {str(device)!r} (this machine has {have})" if have else ""
         raise ValueError(f"No CUDA device{which} here; {fix}.")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"No Apple MPS device here; {fix}.")
+    return device
+
+
+def pick_device(prefer: str | torch.device | None = None) -> torch.device:
+    """best_device(prefer), printing the choice and why; raises best_device's ValueError."""
+    device = best_device(prefer)
+    if prefer is not None:
+        why = "as asked"
+    elif device.type == "cuda":
+        why = torch.cuda.get_device_name(0)
+    elif device.type == "mps":
+        why = "Apple GPU"
+    else:
+        why = "no CUDA or MPS GPU found"
+    print(f"Device: {device.type} ({why})")
     return device
 
 

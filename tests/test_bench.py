@@ -220,8 +220,10 @@ def test_the_summary_prints_only_the_ratios_whose_modes_ran(tiny_run):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_asking_for_a_missing_device_says_so():
-    with pytest.raises(ValueError, match="No cuda device here"):
-        bench.resolve_device("cuda")
+    with pytest.raises(ValueError, match="No CUDA device here"):
+        bench.run("tiny", device="cuda", progress=False)
+    with pytest.raises(SystemExit):  # the command line: a usage error, before any work
+        bench.main(["--size", "tiny", "--device", "cuda"])
 
 
 def test_peft_alone_without_peft_is_refused(monkeypatch):

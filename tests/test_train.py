@@ -651,6 +651,7 @@ def test_pick_device_refuses_a_device_this_machine_lacks(monkeypatch, capsys):
         ("cuda", "No CUDA device here"),
         ("mps", "No Apple MPS device here"),
         ("gpu", "Unknown device 'gpu'"),
+        ("meta", "Unknown device 'meta'"),
     ):
         with pytest.raises(ValueError, match=f"^{problem}; {fix}$"):
             train.pick_device(asked)
